@@ -1,0 +1,65 @@
+"""The ``maevit`` command. Each subcommand lives in its own module and parses
+its own arguments; this file only dispatches, so importing it stays cheap."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module:function, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("maevit.train.pretrain:main", "MAE pretraining from a recipe (Accelerate)"),
+    "finetune": ("maevit.train.finetune:main_finetune", "fine-tune a pretrained encoder for classification"),
+    "probe": ("maevit.train.finetune:main_probe", "linear probe on a frozen encoder"),
+    "eval": ("maevit.train.finetune:main_eval", "evaluate a classifier: top-1/5, per class, confusion matrix"),
+    "visualize": ("maevit.viz:main", "reconstruction grids from an MAE checkpoint"),
+    "shards": ("maevit.data.shards:main", "write / inspect / check webdataset shards"),
+    "export": ("maevit.train.checkpoint:main_export", "export encoder weights as timm-loadable safetensors"),
+    "demo": ("maevit.demo:main", "pretrain + fine-tune the tiny model on the bundled data"),
+    "models": ("maevit.cli:main_models", "list registered models"),
+}
+
+
+def main_models(argv: list[str]) -> int:
+    from maevit.models import list_models
+
+    for name in list_models(argv[0] if argv else ""):
+        print(name)
+    return 0
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: maevit COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`maevit COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(f"maevit: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+        func = getattr(module, func_name)
+    except (ImportError, AttributeError) as e:
+        if module_name in str(e) or func_name in str(e):
+            print(f"maevit: command {name!r} is not available in this version ({e})", file=sys.stderr)
+            return 2
+        raise
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""MaskedAutoencoder: encoder on visible patches + light decoder + masked L2 loss."""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .masking import random_masking
+from .patch import patchify
+from .pos_embed import sincos_2d
+from .vit import init_mae_weights
+
+
+class MAEOutput(NamedTuple):
+    """What :meth:`MaskedAutoencoder.forward` returns, whatever the options.
+
+    Attributes:
+        loss: scalar, mean squared error over masked patches.
+        pred: ``[B, L, p*p*C]`` predicted patches (normalised pixels if
+            ``norm_pix_loss``), in :func:`~maevit.models.patch.patchify` order.
+        mask: ``[B, L]``, 1 = masked.
+        ids_restore: ``[B, L]`` inverse shuffle used for this batch.
+        latent: ``[B, prefix + K, D]`` encoder output on the visible patches.
+    """
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+    ids_restore: torch.Tensor
+    latent: torch.Tensor
+
+
+def masked_mse_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False
+) -> torch.Tensor:
+    """Mean squared error over masked patches only.
+
+    Args:
+        pred, target: ``[B, L, P]``.
+        mask: ``[B, L]``, 1 = masked (counted), 0 = visible (ignored).
+        norm_pix: normalise each target patch to zero mean, unit variance first.
+    """
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as published
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [B, L]
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class MAEDecoder(nn.Module):
+    """Light transformer that rebuilds every patch from the visible tokens.
+
+    Args:
+        grid: ``(gh, gw)`` patch grid.
+        encoder_dim: width of the encoder tokens.
+        embed_dim, depth, num_heads, mlp_ratio: decoder size.
+        patch_size, in_chans: size of one predicted patch (``p*p*C`` values).
+        num_prefix_tokens: encoder prefix tokens carried through (class token).
+    """
+
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        encoder_dim: int,
+        embed_dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_prefix_tokens: int = 1,
+    ) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.embed = nn.Linear(encoder_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        table = sincos_2d(embed_dim, grid, num_prefix_tokens).unsqueeze(0)
+        self.pos_embed = nn.Parameter(table, requires_grad=False)  # fixed, saved
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(
+            *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+        self.pred = nn.Linear(embed_dim, patch_size * patch_size * in_chans)
+        init_mae_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """``latent [B, prefix + K, De]``, ``ids_restore [B, L]`` -> ``[B, L, p*p*C]``."""
+        x = self.embed(latent)  # [B, prefix + K, D]
+        b, length = ids_restore.shape
+        n = self.num_prefix_tokens
+        prefix, visible = x[:, :n], x[:, n:]
+        masked = self.mask_token.expand(b, length - visible.shape[1], -1)
+        x = torch.cat([visible, masked], dim=1)  # shuffled order
+        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # image order
+        x = torch.cat([prefix, x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.pred(x)[:, n:]
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE: the encoder sees visible patches only; the decoder rebuilds all pixels.
+
+    Args:
+        encoder: any encoder with ``forward_masked(x, ids_keep)``, ``grid_size``,
+            ``patch_size``, ``in_chans``, ``embed_dim`` and ``num_prefix_tokens``.
+        decoder_embed_dim, decoder_depth, decoder_num_heads: decoder size.
+        mlp_ratio: decoder MLP ratio.
+        norm_pix_loss: per-patch normalised pixel targets (the published recipe).
+        mask_ratio: default fraction of patches removed.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        mask_ratio: float = 0.75,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = MAEDecoder(
+            encoder.grid_size,
+            encoder.embed_dim,
+            decoder_embed_dim,
+            decoder_depth,
+            decoder_num_heads,
+            mlp_ratio,
+            encoder.patch_size,
+            encoder.in_chans,
+            encoder.num_prefix_tokens,
+        )
+        self.norm_pix_loss = norm_pix_loss
+        self.mask_ratio = mask_ratio
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.encoder.grid_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MAEOutput:
+        """Mask, encode, decode and score a batch.
+
+        Args:
+            imgs: ``[B, C, H, W]``.
+            mask_ratio: overrides the model's default ratio for this call.
+            noise: ``[B, L]``; the same noise gives the same mask.
+            generator: draws the noise when ``noise`` is not given.
+        """
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        mask = random_masking(
+            imgs.shape[0], self.num_patches, ratio, noise=noise, generator=generator, device=imgs.device
+        )
+        latent = self.encoder.forward_masked(imgs, mask.ids_keep)  # [B, 1 + K, D]
+        pred = self.decoder(latent, mask.ids_restore)  # [B, L, p*p*C]
+        target = patchify(imgs, self.patch_size)
+        loss = masked_mse_loss(pred, target, mask.mask, self.norm_pix_loss)
+        return MAEOutput(loss, pred, mask.mask, mask.ids_restore, latent)
