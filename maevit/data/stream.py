@@ -1,0 +1,906 @@
+"""Streaming data for pretraining, fine-tuning and evaluation, built on webdataset.
+
+Sources: a shard directory holding `dataset.json` (written by `maevit shards
+write`), a `dataset.json` path or URL, a shard pattern (`train-{000000..000099}.tar`),
+a glob, a list of shards / URLs, a plain image folder (unlabeled, or one
+sub-folder per class), or "bundled[:train|val]".
+
+What webdataset gives us and we use: URL expansion (braces, `::`), `gopen`
+(local files, http(s) via curl, ...), tar member iteration and grouping of
+members into samples, and the shuffle buffer. What we write by hand, and why:
+
+* **The exact-epoch split.** webdataset splits whole shards by node and worker,
+  so ranks get different sample counts (DDP hangs when one rank stops early)
+  and `with_epoch` counts per worker. Here, every epoch, the *units* (shards, or
+  files of an image folder) are permuted from `(seed, epoch)` identically on
+  all ranks and concatenated into one virtual sequence of T samples. Rank r
+  takes the contiguous range `[r*S, (r+1)*S)` with `S = N*B` samples, `N`
+  batches per rank (`N = T // (world*B)` with `drop_last=True`: fewer than
+  world*B samples at the end of the permuted sequence are left out this epoch;
+  with `drop_last=False`, `N = ceil(T / (world*B))` and the range wraps to the
+  start of the sequence, repeating fewer than world*B samples). Inside a rank,
+  logical worker `l` owns batches `b` with `b % W == l` and reads the contiguous
+  sub-range holding exactly those batches' samples. A unit that straddles two
+  ranges is read by both, each skipping the other's samples without decoding.
+* **Error handling.** webdataset's `warn_and_continue` sleeps 0.5 s per bad
+  sample. Here bad samples are counted, logged at a limited rate, never sleep
+  and never raise. Unreadable tars and samples without an image are dropped
+  before the shuffle, and the worker refills its quota by wrapping around its
+  own range. Images that fail to *decode* are replaced, in the same batch, by
+  another sample of that batch (its own augmentation), so batch counts and the
+  data of every later batch do not depend on decoding; this is what makes
+  resume exact without decoding skipped batches.
+* **Decoding.** Only image members (PIL) and `.cls` / `.txt` / `.json` (text)
+  are read. `.pyd`, `.pth`, `.pickle`, ... are never even extracted from the
+  tar, so nothing is unpickled or `torch.load`-ed.
+* **Determinism.** Every random choice (unit permutation, shuffle buffer,
+  resampled shards, per-sample augmentation) is seeded from
+  `(seed, epoch, rank, logical worker, position)`; nothing from pid or time.
+  The stream is therefore a function of (seed, epoch, rank, world_size,
+  num_workers, batch_size); resume needs the same values.
+* **Epochs and workers.** Workers are *not* persistent: each `iter()` starts
+  fresh workers that receive the current epoch and start batch (persistent
+  workers would not see `set_epoch`). Worker start-up is paid once per epoch.
+
+Resampled mode (`mode="resampled"`): each worker draws units with
+replacement from `(seed, epoch, rank, worker)`, infinitely; an epoch is
+`samples_per_epoch // (world*B)` batches per rank.
+
+Evaluation (`labeled_loader(train=False)`): no shuffle, no wrap, no padding:
+rank r takes samples `[r*T//world, (r+1)*T//world)` in source order; every
+sample is yielded exactly once across ranks; ranks may differ by one batch.
+
+Do not pass a `StreamLoader` to `accelerate.Accelerator.prepare()`: it is
+already split by rank and Accelerate would re-shard or broadcast it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field, replace
+from glob import glob
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import bundled as _bundled
+from .transforms import (
+    IMAGE_EXTS,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    PretrainTransform,
+    apply_seeded,
+    labeled_transform,
+    normalize_batch,
+    open_image,
+)
+
+log = logging.getLogger(__name__)
+
+TEXT_EXTS = ("cls", "txt", "json")
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta
+INDEX_NAME = "dataset.json"
+STAT_KEYS = ("corrupt_image", "missing_image", "missing_label", "unreadable_shard", "bad_member")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """One shard (`kind="tar"`) or one image file (`kind="file"`).
+
+    `count` is the number of samples taken from it; for a tar, `select` (sorted
+    sample positions inside the tar) restricts it to a subset (label_fraction).
+    """
+
+    url: str
+    count: int
+    kind: str = "tar"
+    label: int | None = None  # files of a class-per-folder tree
+    key: str = ""  # files: relative path without extension
+    select: tuple[int, ...] | None = None
+
+
+@dataclass
+class Source:
+    """A resolved data source: its units, class names (or None), and where it came from."""
+
+    units: list[Unit]
+    class_names: list[str] | None
+    description: str
+    counts_known: bool = True
+
+    @property
+    def num_samples(self) -> int:
+        return sum(u.count for u in self.units)
+
+
+def _check_url(url: str, allow_pipe: bool) -> None:
+    if url.startswith("pipe:") and not allow_pipe:
+        raise ValueError(
+            f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands. If you trust it, pass "
+            f"allow_pipe=True (config: data.allow_pipe=true)."
+        )
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith(".") and f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                out.append(Path(dirpath) / f)
+    return out
+
+
+def folder_source(folder: str | os.PathLike) -> Source:
+    """An image folder: class-per-folder when every image sits in a first-level sub-folder.
+
+    Args:
+        folder: the root directory (searched recursively).
+    """
+    folder = Path(folder)
+    files = _list_images(folder)
+    if not files:
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTS)}) found under {folder}; expected an image folder, "
+            f"a class-per-folder tree or a shard directory with {INDEX_NAME}."
+        )
+    rels = [f.relative_to(folder) for f in files]
+    labeled = all(len(r.parts) >= 2 for r in rels)
+    classes = sorted({r.parts[0] for r in rels}) if labeled else None
+    cidx = {c: i for i, c in enumerate(classes or [])}
+    units = [
+        Unit(str(f), 1, "file", cidx[r.parts[0]] if labeled else None, str(r.with_suffix("")))
+        for f, r in zip(files, rels)
+    ]
+    return Source(units, classes, f"image folder {folder}")
+
+
+def read_index(path_or_url: str) -> dict[str, Any]:
+    """Load a `dataset.json` index (local path or URL)."""
+    if _is_local(path_or_url):
+        return json.loads(Path(path_or_url).read_text())
+    import webdataset as wds
+
+    with wds.gopen(path_or_url, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def _index_source(index_url: str, allow_pipe: bool) -> Source:
+    _check_url(index_url, allow_pipe)
+    index = read_index(index_url)
+    base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
+    units = []
+    for s in index["shards"]:
+        url = s["url"] if "url" in s else f"{base}/{s['name']}"
+        _check_url(url, allow_pipe)
+        units.append(Unit(url, int(s["count"])))
+    return Source(units, index.get("classes"), f"shard index {index_url}")
+
+
+def count_tar_samples(url: str) -> int:
+    """Number of samples (consecutive groups of members sharing a key) in a local tar.
+
+    Reads headers only (random-access tar: data is seeked over). A truncated tar
+    counts the samples before the damage.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    n, last = 0, None
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for m in tf:
+                if not m.isreg() or _META.match(m.name) or (m.name.startswith("__") and m.name.endswith("__")):
+                    continue  # skipped the same way by webdataset's tar_file_iterator
+                key, _ = base_plus_ext(m.name)
+                if key is not None and key != last:
+                    n, last = n + 1, key
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return n
+
+
+def _shard_list_source(urls: list[str], allow_pipe: bool, need_counts: bool) -> Source:
+    for u in urls:
+        _check_url(u, allow_pipe)
+    if not urls:
+        raise FileNotFoundError("the shard list is empty; check the pattern or directory.")
+    known = all(_is_local(u) for u in urls)
+    if need_counts and not known:
+        raise ValueError(
+            "exact epochs need per-shard sample counts, and remote shards have no local index: "
+            f"pass the URL of their {INDEX_NAME} as the source, or use mode='resampled' with "
+            "samples_per_epoch."
+        )
+    units = [Unit(u, count_tar_samples(u) if known else 1) for u in urls]
+    return Source(units, None, f"{len(urls)} shards", counts_known=known)
+
+
+def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool = True) -> Source:
+    """Turn any accepted `source` into a `Source` (list of units with counts).
+
+    Args:
+        source: shard dir / `dataset.json` / pattern / glob / list / image folder / "bundled[:split]".
+        allow_pipe: accept `pipe:` URLs.
+        need_counts: per-unit sample counts are required (exact mode).
+    """
+    if isinstance(source, Source):
+        return source
+    if _bundled.is_bundled_spec(source):
+        return folder_source(_bundled.resolve_bundled(source))
+    if isinstance(source, (list, tuple)):
+        import webdataset as wds
+
+        urls = [u for s in source for u in wds.shardlists.expand_urls(str(s))]
+        return _shard_list_source(urls, allow_pipe, need_counts)
+    src = str(source)
+    _check_url(src, allow_pipe)
+    if src.endswith(".json"):
+        return _index_source(src, allow_pipe)
+    p = Path(src)
+    if _is_local(src) and p.is_dir():
+        if (p / INDEX_NAME).is_file():
+            return _index_source(str(p / INDEX_NAME), allow_pipe)
+        tars = sorted(p.glob("*.tar"))
+        if tars:
+            return _shard_list_source([str(t) for t in tars], allow_pipe, need_counts)
+        return folder_source(p)
+    import webdataset as wds
+
+    urls = wds.shardlists.expand_urls(src)
+    if _is_local(src) and any(c in src for c in "*?["):
+        urls = sorted(u for pat in urls for u in glob(pat))
+    if _is_local(src):
+        missing = [u for u in urls if not Path(u).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"data source {src!r}: {len(missing)} path(s) do not exist (first: {missing[0]}); expected "
+                f"a shard directory, {INDEX_NAME}, a shard pattern, an image folder or 'bundled[:split]'."
+            )
+    return _shard_list_source(urls, allow_pipe, need_counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading raw samples (no decoding)
+# ---------------------------------------------------------------------------------------------
+
+class _Errors:
+    """Per-worker bad-sample counters with rate-limited logging (never sleeps, never raises)."""
+
+    def __init__(self, first: int = 5, every_s: float = 30.0) -> None:
+        self.counts = dict.fromkeys(STAT_KEYS, 0)
+        self._first, self._every, self._logged, self._last, self._quiet = first, every_s, 0, 0.0, 0
+
+    def add(self, kind: str, what: str) -> None:
+        self.counts[kind] += 1
+        now = time.monotonic()
+        if self._logged < self._first or now - self._last >= self._every:
+            more = f" (+{self._quiet} more not shown)" if self._quiet else ""
+            log.warning("skipping bad sample (%s): %s%s", kind, what, more)
+            self._logged, self._last, self._quiet = self._logged + 1, now, 0
+        else:
+            self._quiet += 1
+
+
+def _wanted(ext: str) -> bool:
+    last = ext.rsplit(".", 1)[-1]
+    return last in IMAGE_EXTS or last in TEXT_EXTS
+
+
+def _image_of(sample: dict[str, Any]) -> bytes | None:
+    for ext, value in sample.items():
+        if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
+            return value
+    return None
+
+
+def _read_tar(
+    unit: Unit, start: int, stop: int, errors: _Errors, wanted: Callable[[str], bool] = _wanted
+) -> Iterator[dict[str, Any]]:
+    """Samples at positions [start, stop) of a tar (positions among `unit.select` if set).
+
+    Members of samples outside the range, and members that are neither images nor
+    text (`wanted`), are never extracted (`select_files` sees each name first), so
+    skipping costs no decoding and nothing else (pickles, tensors) is ever read.
+    Each sample carries `__pos__`, its position in the tar.
+    """
+    import webdataset as wds
+    from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+    if unit.select is not None:
+        keep = set(unit.select[start:stop])
+        in_range = keep.__contains__
+    else:
+        in_range = lambda pos: start <= pos < stop  # noqa: E731
+    state = {"pos": -1, "key": None}
+    positions: dict[str, int] = {}  # key -> position, until its sample is grouped
+
+    def select(fname: str) -> bool:
+        key, ext = base_plus_ext(fname)
+        if key is None:
+            return False
+        if key != state["key"]:
+            state["key"], state["pos"] = key, state["pos"] + 1
+        ok = in_range(state["pos"]) and wanted(ext.lower())
+        if ok:
+            positions[key] = state["pos"]
+        return ok
+
+    def handler(exn: Exception) -> bool:
+        errors.add("bad_member", f"{unit.url}: {exn}")
+        return True
+
+    def members(stream) -> Iterator[dict[str, Any]]:
+        try:
+            for f in tar_file_iterator(stream, handler=handler, select_files=select):
+                f["__url__"] = unit.url
+                yield f
+        except Exception as exn:  # truncated / unreadable tar: keep what was read, go on
+            errors.add("unreadable_shard", f"{unit.url}: {type(exn).__name__}: {exn}")
+
+    try:
+        stream = wds.gopen(unit.url, "rb")
+    except Exception as exn:
+        errors.add("unreadable_shard", f"{unit.url}: {type(exn).__name__}: {exn}")
+        return
+    with stream:
+        for sample in group_by_keys(members(stream), handler=handler):
+            sample["__pos__"] = positions.pop(sample["__key__"], -1)
+            yield sample
+
+
+def _read_unit(
+    unit: Unit, start: int, stop: int, errors: _Errors, wanted: Callable[[str], bool] = _wanted
+) -> Iterator[dict[str, Any]]:
+    """Raw samples `{"__key__", "__pos__", "<ext>": bytes, ...}` of positions [start, stop) of a unit.
+
+    `wanted(ext)` picks the members read from tars (default: images and text).
+    """
+    if unit.kind == "file":
+        if start > 0 or stop <= 0:
+            return
+        try:
+            data = Path(unit.url).read_bytes()
+        except OSError as exn:
+            errors.add("unreadable_shard", f"{unit.url}: {exn}")
+            return
+        ext = unit.url.rsplit(".", 1)[-1].lower()
+        sample: dict[str, Any] = {"__key__": unit.key or unit.url, "__url__": unit.url, "__pos__": 0, ext: data}
+        if unit.label is not None:
+            sample["cls"] = str(unit.label).encode()
+        yield sample
+        return
+    yield from _read_tar(unit, start, stop, errors, wanted)
+
+
+def _segments(counts: Sequence[int], start: int, n: int) -> list[tuple[int, int, int]]:
+    """Cover `n` samples of the virtual sequence from `start`, wrapping modulo its length.
+
+    Returns (unit index, first position, end position) triples.
+    """
+    total = sum(counts)
+    ends = np.cumsum(counts)
+    out, pos, left = [], start % total, n
+    while left > 0:
+        u = int(np.searchsorted(ends, pos, side="right"))
+        u_start = int(ends[u]) - counts[u]
+        take = min(left, int(ends[u]) - pos)
+        out.append((u, pos - u_start, pos - u_start + take))
+        left -= take
+        pos = (pos + take) % total
+    return out
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset each worker runs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Spec:
+    """Everything a worker needs; a plain picklable record."""
+
+    units: list[Unit]
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    mode: str  # "exact" | "resampled" | "eval"
+    drop_last: bool
+    shuffle_buffer: int
+    samples_per_epoch: int | None
+    labeled: bool
+    transform: Any  # PretrainTransform or a PIL transform (labeled)
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    epoch: int = 0
+    start_batch: int = 0
+    counts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.counts = [u.count for u in self.units]
+
+
+def batches_per_rank(spec: _Spec, rank: int | None = None) -> int:
+    """Batches one rank yields per epoch (identical on all ranks except in eval mode)."""
+    total, world, b = sum(spec.counts), spec.world_size, spec.batch_size
+    if spec.mode == "eval":
+        r = spec.rank if rank is None else rank
+        n = (r + 1) * total // world - r * total // world
+        return math.ceil(n / b)
+    if spec.mode == "resampled":
+        per_epoch = spec.samples_per_epoch or total
+        return per_epoch // (world * b) if spec.drop_last else math.ceil(per_epoch / (world * b))
+    return total // (world * b) if spec.drop_last else math.ceil(total / (world * b))
+
+
+def _worker_batches(n_batches: int, num_workers: int, lw: int) -> int:
+    """How many of batches 0..n-1 belong to logical worker `lw` (batch b -> worker b % W)."""
+    return len(range(lw, n_batches, num_workers))
+
+
+class _StreamDataset(IterableDataset):
+    def __init__(self, spec: _Spec) -> None:
+        self.spec = spec
+
+    # ---- raw sample sources --------------------------------------------------------------
+    def _range(self, lw: int) -> tuple[int, int]:
+        """Start (in the virtual sequence) and length of logical worker `lw`'s samples."""
+        s, b, w = self.spec, self.spec.batch_size, max(1, self.spec.num_workers)
+        n = batches_per_rank(s)
+        sizes = [_worker_batches(n, w, l) * b for l in range(w)]
+        if s.mode == "eval":
+            total = sum(s.counts)
+            r0, r1 = s.rank * total // s.world_size, (s.rank + 1) * total // s.world_size
+            if n:
+                sizes[(n - 1) % w] -= n * b - (r1 - r0)  # the one short batch, no padding
+            rank_start = r0
+        else:
+            rank_start = s.rank * n * b
+        return rank_start + sum(sizes[:lw]), sizes[lw]
+
+    def _exact_source(self, order: list[int], lw: int, errors: _Errors) -> Iterator[dict[str, Any]]:
+        s = self.spec
+        start, length = self._range(lw)
+        if length <= 0:
+            return
+        counts = [s.counts[i] for i in order]
+        segs = _segments(counts, start, length)
+        yielded = 0
+        while yielded < length:
+            got = 0
+            for u, a, e in segs:
+                for sample in _read_unit(s.units[order[u]], a, e, errors):
+                    if _image_of(sample) is None:
+                        errors.add("missing_image", f"{sample.get('__url__')}:{sample['__key__']}")
+                        continue
+                    got += 1
+                    yielded += 1
+                    yield sample
+                    if yielded == length:
+                        return
+            if got == 0 or s.mode == "eval":
+                if got == 0 and s.mode != "eval":
+                    log.error("worker %d of rank %d: no readable sample in its range", lw, s.rank)
+                return
+            # Wrap around within this worker's own range, only to refill samples dropped above
+            # (missing image, unreadable tar), so the batch count stays exact.
+
+    def _resampled_source(self, lw: int, errors: _Errors) -> Iterator[dict[str, Any]]:
+        s = self.spec
+        rng = _rng(s.seed, s.epoch, s.rank, lw, 0x5E5A)
+        empty_in_a_row = 0
+        while empty_in_a_row < 1000:
+            unit = s.units[int(rng.integers(len(s.units)))]
+            got = 0
+            for sample in _read_unit(unit, 0, 1 << 62, errors):
+                if _image_of(sample) is None:
+                    errors.add("missing_image", f"{sample.get('__url__')}:{sample['__key__']}")
+                    continue
+                got += 1
+                yield sample
+            empty_in_a_row = 0 if got else empty_in_a_row + 1
+        log.error("worker %d of rank %d: 1000 units in a row without a readable sample", lw, s.rank)
+
+    # ---- decoding --------------------------------------------------------------------------
+    def _decode(self, sample: dict[str, Any], seed_key: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        s = self.spec
+        data = _image_of(sample)
+        label = -1
+        if s.labeled:
+            if "cls" not in sample:
+                raise KeyError("no .cls label")
+            label = int(sample["cls"].decode("utf-8").strip())
+        if isinstance(s.transform, PretrainTransform):
+            img = s.transform(data, _rng(*seed_key))  # [3, H, W] uint8
+        else:
+            pil = open_image(data).convert("RGB")
+            seed = int(_rng(*seed_key).integers(1 << 31))
+            img = apply_seeded(s.transform, pil, seed)  # [3, H, W] float, normalized
+        return img, label
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        s = self.spec
+        info = get_worker_info()
+        w = max(1, s.num_workers)
+        phys = info.id if info is not None else 0
+        # Rotate so that physical worker 0 (which the DataLoader asks first) serves batch start_batch.
+        lw = (phys + s.start_batch) % w
+        errors = _Errors()
+        n = batches_per_rank(s)
+        quota = _worker_batches(n, w, lw)
+        skip = _worker_batches(min(s.start_batch, n), w, lw)  # this worker's batches before start
+        if quota - skip <= 0:
+            return
+        if s.mode == "resampled":
+            raw = self._resampled_source(lw, errors)
+        else:
+            if s.mode == "eval":
+                order = list(range(len(s.units)))
+            else:
+                order = [int(i) for i in _rng(s.seed, s.epoch, 0xE90C).permutation(len(s.units))]
+            raw = self._exact_source(order, lw, errors)
+        if s.mode != "eval" and s.shuffle_buffer > 1:
+            import webdataset as wds
+
+            raw = wds.filters._shuffle(  # shuffle raw bytes, before decoding (less memory)
+                raw, bufsize=s.shuffle_buffer, initial=min(s.shuffle_buffer, 100),
+                rng=random.Random(int(_rng(s.seed, s.epoch, s.rank, lw, 0x5B).integers(1 << 62))),
+            )
+        slot = 0
+        for k in range(quota):
+            batch = []
+            for sample in raw:
+                batch.append(sample)
+                if len(batch) == s.batch_size:
+                    break
+            if not batch:
+                return
+            if k < skip:  # resume: drop without decoding
+                slot += len(batch)
+                continue
+            yield self._make_batch(batch, slot, lw, errors)
+            slot += len(batch)
+
+    def _make_batch(self, raw: list[dict[str, Any]], slot0: int, lw: int, errors: _Errors) -> dict[str, Any]:
+        s = self.spec
+        imgs: list[torch.Tensor | None] = []
+        labels: list[int] = []
+        for i, sample in enumerate(raw):
+            try:
+                img, label = self._decode(sample, (s.seed, s.epoch, s.rank, lw, slot0 + i))
+            except KeyError as exn:
+                errors.add("missing_label", f"{sample.get('__url__')}:{sample['__key__']}: {exn}")
+                img, label = None, -1
+            except Exception as exn:
+                errors.add("corrupt_image", f"{sample.get('__url__')}:{sample['__key__']}: {exn}")
+                img, label = None, -1
+            imgs.append(img)
+            labels.append(label)
+        good = [i for i, x in enumerate(imgs) if x is not None]
+        if s.mode != "eval" and good and len(good) < len(imgs):
+            # Keep the batch size: re-use good samples of this batch with their own new augmentation.
+            for j, i in enumerate([i for i, x in enumerate(imgs) if x is None]):
+                src = good[j % len(good)]
+                try:
+                    imgs[i], labels[i] = self._decode(raw[src], (s.seed, s.epoch, s.rank, lw, slot0 + i, 1))
+                except Exception:  # decoded fine a moment ago; fall back to an exact copy
+                    imgs[i], labels[i] = imgs[src], labels[src]
+            good = list(range(len(imgs)))
+        if not good:
+            x = torch.zeros(0)
+            y = torch.zeros(0, dtype=torch.int64)
+        else:
+            if imgs[good[0]].dtype == torch.uint8:
+                x = normalize_batch([imgs[i] for i in good], s.mean, s.std)  # [B, 3, H, W] float
+            else:
+                x = torch.stack([imgs[i] for i in good])  # [B, 3, H, W], normalized by the transform
+            y = torch.tensor([labels[i] for i in good], dtype=torch.int64)  # [B]
+        return {"images": x, "labels": y, "worker": lw, "stats": dict(errors.counts)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+# ---------------------------------------------------------------------------------------------
+
+class StreamLoader:
+    """Iterable over batches of one rank; see the module docstring for the split rules.
+
+    Yields `images [B, 3, H, W]` (float32, normalized) for pretraining, or
+    `(images, labels [B] int64)` for labeled data.
+
+    Attributes:
+        num_samples: samples in the source (after `label_fraction`), all ranks together.
+        class_names: class names (labeled sources) or None.
+        batch_size, rank, world_size, epoch.
+    """
+
+    def __init__(self, spec: _Spec, source: Source, *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        if spec.mode != "eval" and batches_per_rank(spec) == 0:
+            raise ValueError(
+                f"{source.description}: {source.num_samples} samples are fewer than one batch per rank "
+                f"(batch_size={spec.batch_size} x world_size={spec.world_size}); lower batch_size or "
+                f"pass drop_last=False."
+            )
+        self._spec, self._source = spec, source
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.class_names = source.class_names
+        self.num_samples = source.num_samples
+        self.batch_size, self.rank, self.world_size = spec.batch_size, spec.rank, spec.world_size
+        self._stats_done = dict.fromkeys(STAT_KEYS, 0)
+        self._stats_live: dict[int, dict[str, int]] = {}
+        self._position = 0  # batches yielded in the current epoch (state_dict)
+
+    @property
+    def epoch(self) -> int:
+        return self._spec.epoch
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.class_names) if self.class_names is not None else None
+
+    def __len__(self) -> int:
+        return batches_per_rank(self._spec)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next `iter()` streams (reshuffles units, buffer and augmentation)."""
+        self._spec.epoch = int(epoch)
+
+    def skip_batches(self, n: int) -> None:
+        """Make the next `iter()` start at batch `n` of the epoch, with the data an uninterrupted
+        run would see from there. Skipped batches are read but not decoded."""
+        if n < 0:
+            raise ValueError(f"skip_batches(n) needs n >= 0, got {n}.")
+        self._spec.start_batch = int(n)
+
+    def state_dict(self) -> dict[str, int]:
+        """Position to resume from: `{"epoch", "batch"}` (batches already yielded this epoch)."""
+        return {"epoch": self._spec.epoch, "batch": self._position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.set_epoch(state["epoch"])
+        self.skip_batches(state["batch"])
+
+    def stats(self) -> dict[str, int]:
+        """Bad samples skipped so far (all epochs, all workers of this rank)."""
+        out = dict(self._stats_done)
+        for counts in self._stats_live.values():
+            for k, v in counts.items():
+                out[k] += v
+        return out
+
+    def _loader(self, spec: _Spec) -> Any:
+        ds = _StreamDataset(spec)
+        if spec.num_workers <= 0:
+            return iter(ds)
+        return iter(DataLoader(
+            ds, batch_size=None, num_workers=spec.num_workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor, persistent_workers=False,
+            # A private generator: creating the loader must not consume the training RNG.
+            generator=torch.Generator().manual_seed(spec.seed),
+        ))
+
+    def __iter__(self) -> Iterator[Any]:
+        spec = replace(self._spec)  # snapshot: set_epoch during iteration affects the next one only
+        self._spec.start_batch = 0  # skip_batches applies to one iteration
+        self._position = spec.start_batch
+        live: dict[int, dict[str, int]] = {}
+        self._stats_live = live
+        try:
+            for item in self._loader(spec):
+                live[item["worker"]] = item["stats"]
+                self._position += 1
+                if len(item["images"]) == 0:
+                    continue
+                yield (item["images"], item["labels"]) if spec.labeled else item["images"]
+        finally:
+            for counts in live.values():
+                for k, v in counts.items():
+                    self._stats_done[k] += v
+            self._stats_live = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public constructors
+# ---------------------------------------------------------------------------------------------
+
+def _check_rank(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}.")
+
+
+def pretrain_loader(
+    source: Any,
+    *,
+    img_size: int | Sequence[int],
+    batch_size: int,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    mode: str = "exact",
+    samples_per_epoch: int | None = None,
+    shuffle_buffer: int = 1000,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    scale: tuple[float, float] = (0.2, 1.0),
+    allow_pipe: bool = False,
+    drop_last: bool = True,
+    draft: bool = True,
+    pin_memory: bool = False,
+) -> StreamLoader:
+    """MAE pretraining stream: crop-aware RandomResizedCrop + flip + normalize.
+
+    Args:
+        source: shard dir / dataset.json / pattern / list / URL / image folder / "bundled[:split]".
+        img_size: output size (int or (H, W)).
+        batch_size: per-rank batch size.
+        num_workers: DataLoader worker processes (0: in this process).
+        seed: base seed; the stream is a function of (seed, epoch, rank, world_size, num_workers).
+        rank, world_size: this process and the number of processes.
+        mode: "exact" (each sample once per epoch, see module docstring) or "resampled".
+        samples_per_epoch: epoch length for "resampled" (all ranks together; default: dataset size).
+        shuffle_buffer: samples held for shuffling (raw bytes, before decoding).
+        mean, std: normalization.
+        scale: RandomResizedCrop area range.
+        allow_pipe: accept `pipe:` shard URLs (they run shell commands).
+        drop_last: True: leave out the incomplete tail; False: wrap around to fill it.
+        draft: crop-aware reduced-scale JPEG decoding.
+        pin_memory: pin batches (GPU training).
+
+    Returns:
+        A `StreamLoader` yielding float tensors `[B, 3, H, W]`.
+    """
+    if mode not in ("exact", "resampled"):
+        raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}.")
+    _check_rank(rank, world_size, batch_size, num_workers)
+    src = resolve_source(source, allow_pipe=allow_pipe, need_counts=mode == "exact")
+    if mode == "resampled" and samples_per_epoch is None and not src.counts_known:
+        raise ValueError("mode='resampled' on shards without counts needs samples_per_epoch (all ranks together).")
+    spec = _Spec(
+        src.units, batch_size, seed, rank, world_size, num_workers, mode, drop_last, shuffle_buffer,
+        samples_per_epoch, False, PretrainTransform(img_size, scale=scale, draft=draft),
+        tuple(mean), tuple(std),
+    )
+    return StreamLoader(spec, src, pin_memory=pin_memory)
+
+
+def _tar_labels(unit: Unit, errors: _Errors) -> list[int]:
+    """Labels of every sample position of a tar (-1 where missing), reading only `.cls` members."""
+    labels = [-1] * unit.count
+    for sample in _read_unit(unit, 0, 1 << 62, errors, wanted=lambda ext: ext.rsplit(".", 1)[-1] == "cls"):
+        try:
+            if 0 <= sample["__pos__"] < unit.count:
+                labels[sample["__pos__"]] = int(sample["cls"].decode().strip())
+        except (KeyError, ValueError):
+            pass
+    return labels
+
+
+def select_fraction(source: Source, fraction: float, seed: int) -> Source:
+    """A fixed class-balanced subset: `round(fraction * n_c)` (at least 1) samples of each class c,
+    chosen by `seed` alone.
+
+    Args:
+        source: a labeled source (image folder or shards with `.cls`).
+        fraction: in (0, 1].
+        seed: picks the subset (independent of the training seed).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}.")
+    # (unit index, position) of every sample, grouped by label.
+    by_class: dict[int, list[tuple[int, int]]] = {}
+    errors = _Errors()
+    for ui, unit in enumerate(source.units):
+        labels = [unit.label if unit.label is not None else -1] if unit.kind == "file" else _tar_labels(unit, errors)
+        for pos, lab in enumerate(labels):
+            if lab >= 0:
+                by_class.setdefault(lab, []).append((ui, pos))
+    rng = _rng(seed, 0x1AB)
+    keep: dict[int, list[int]] = {}
+    for lab in sorted(by_class):
+        items = by_class[lab]
+        n = max(1, int(round(fraction * len(items))))
+        for idx in sorted(rng.permutation(len(items))[:n]):
+            ui, pos = items[idx]
+            keep.setdefault(ui, []).append(pos)
+    units = []
+    for ui, unit in enumerate(source.units):
+        if ui not in keep:
+            continue
+        if unit.kind == "file":
+            units.append(unit)
+        else:
+            sel = tuple(sorted(keep[ui]))
+            units.append(replace(unit, count=len(sel), select=sel))
+    return Source(units, source.class_names, f"{source.description} ({fraction:g} of labels, seed {seed})")
+
+
+def labeled_loader(
+    source: Any,
+    *,
+    img_size: int | Sequence[int],
+    batch_size: int,
+    train: bool,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    label_fraction: float | None = None,
+    label_seed: int = 0,
+    shuffle_buffer: int = 1000,
+    drop_last: bool | None = None,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    re_prob: float = 0.25,
+    color_jitter: float | None = None,
+    scale: tuple[float, float] | None = None,
+    hflip: float = 0.5,
+    interpolation: str = "bicubic",
+    crop_pct: float | None = None,
+    allow_pipe: bool = False,
+    pin_memory: bool = False,
+) -> StreamLoader:
+    """Labeled stream for fine-tuning (train=True) or evaluation (train=False).
+
+    train=True: exact epochs like `pretrain_loader` with timm's training transform.
+    train=False: resize + center crop, source order, every sample exactly once across
+    ranks, no padding (ranks may differ by one batch; the last batch may be short).
+
+    Args:
+        source: a labeled source: class-per-folder tree, shards with `.cls`, "bundled:train|val".
+        img_size: output size.
+        batch_size: per-rank batch size.
+        train: training augmentation + shuffling, or evaluation.
+        num_workers, seed, rank, world_size, shuffle_buffer, allow_pipe, pin_memory: as in `pretrain_loader`.
+        label_fraction: use a fixed class-balanced fraction of the labels (e.g. 0.1).
+        label_seed: picks that subset; kept separate from `seed` so runs with different seeds
+            see the same labeled samples.
+        drop_last: train only (default True); eval never drops.
+        mean, std, auto_augment, re_prob, color_jitter, scale, hflip, interpolation, crop_pct:
+            transform options (see `transforms.labeled_transform`).
+
+    Returns:
+        A `StreamLoader` yielding `(images [B, 3, H, W], labels [B] int64)`.
+    """
+    _check_rank(rank, world_size, batch_size, num_workers)
+    src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
+    if src.class_names is None and not any(u.kind == "tar" for u in src.units):
+        raise ValueError(
+            f"{src.description} has no labels: labeled data is a class-per-folder tree "
+            f"(root/<class>/<image>) or shards with .cls members."
+        )
+    if label_fraction is not None and label_fraction < 1:
+        src = select_fraction(src, label_fraction, label_seed)
+    tf = labeled_transform(
+        img_size, train, mean=mean, std=std, auto_augment=auto_augment, re_prob=re_prob,
+        color_jitter=color_jitter, scale=scale, hflip=hflip, interpolation=interpolation, crop_pct=crop_pct,
+    )
+    spec = _Spec(
+        src.units, batch_size, seed, rank, world_size, num_workers, "exact" if train else "eval",
+        True if drop_last is None else drop_last, shuffle_buffer, None, True, tf, tuple(mean), tuple(std),
+    )
+    return StreamLoader(spec, src, pin_memory=pin_memory)
