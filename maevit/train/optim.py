@@ -1,0 +1,114 @@
+"""Optimisation pieces: learning-rate schedules, parameter groups, AdamW.
+
+Schedules are pure functions of the optimizer step, so resuming only needs the
+step counter (no scheduler object to save, and none of Accelerate's
+scheduler-stepping rules to get wrong).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+# Parameters that never get weight decay besides biases and norm weights (1-D,
+# handled by timm): position tables (if learned), and class / mask / other tokens.
+NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*mask_token", "*dist_token", "*reg_token")
+
+
+def cosine_lr(step: float, *, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warm-up from 0, then half-cosine decay from ``base_lr`` to ``min_lr``.
+
+    Args:
+        step: optimizer steps done (may be fractional).
+        base_lr: peak learning rate, reached at ``warmup_steps``.
+        warmup_steps: length of the linear warm-up.
+        total_steps: the schedule ends at ``min_lr`` here (and stays there).
+        min_lr: final learning rate.
+    """
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if total_steps <= warmup_steps:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scaled_lr(base_lr: float, effective_batch: int, reference_batch: int = 256) -> float:
+    """The linear scaling rule: ``base_lr * effective_batch / 256``.
+
+    Args:
+        effective_batch: per-process batch x processes x accumulation steps.
+    """
+    return base_lr * effective_batch / reference_batch
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, no_weight_decay: Iterable[str] = NO_WEIGHT_DECAY
+) -> list[dict[str, Any]]:
+    """Two groups: decayed weights, and biases / norms / position tables / tokens.
+
+    Frozen parameters (``requires_grad=False``, e.g. MAE's fixed sin-cos tables)
+    are left out. ``no_weight_decay`` holds fnmatch patterns on parameter names.
+    """
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=tuple(no_weight_decay))
+
+
+def fused_supported(device: torch.device) -> bool:
+    """Whether ``torch.optim.AdamW(fused=True)`` runs on ``device``."""
+    return device.type in ("cuda", "cpu", "xpu", "mps")
+
+
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (MAE's betas by default).
+
+    Args:
+        fused: use the fused kernel (default: where supported). The fused
+            kernel can skip a step on the device (``optimizer.found_inf``),
+            which the training loops use to drop non-finite steps without a
+            host synchronisation.
+    """
+    if fused is None:
+        fused = fused_supported(next(model.parameters()).device)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr (groups with ``lr_scale``, e.g. layer decay, are scaled)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def param_groups_layer_decay(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float,
+    no_weight_decay: Iterable[str] = NO_WEIGHT_DECAY,
+) -> list[dict[str, Any]]:
+    """Layer-wise lr decay groups for ViT fine-tuning (BEiT / MAE), via timm.
+
+    With ``n`` blocks, layer ids are: 0 for ``patch_embed`` / ``cls_token`` /
+    ``pos_embed``, ``i + 1`` for ``blocks.i``, ``n + 1`` for the final norm,
+    ``fc_norm`` and ``head``; each group's ``lr_scale`` is
+    ``layer_decay ** (n + 1 - layer_id)`` (the published rule). :func:`set_lr`
+    applies the scales. Biases, norms, position tables and tokens get no
+    weight decay. Frozen parameters are left out.
+
+    Args:
+        model: a timm ViT (uses its ``group_matcher`` to find layer ids).
+        weight_decay: for matrices (0 for the rest).
+        layer_decay: per-layer lr factor (MAE: 0.65 for ViT-B, 0.75 for L / H).
+    """
+    from timm.optim import param_groups_layer_decay as _timm_layer_decay
+
+    return _timm_layer_decay(
+        model, weight_decay=weight_decay, no_weight_decay_list=tuple(no_weight_decay), layer_decay=layer_decay
+    )

@@ -1,0 +1,229 @@
+"""End-to-end pretraining on CPU with the bundled data: tiny model, few steps."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from maevit.config import ConfigError, load_config
+from maevit.train import runs
+from maevit.train.pretrain import NonFiniteLossError, PretrainConfig, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 32 px images, 8 px patches (16 patches), width 32, one block each side: a step takes milliseconds
+TINY = [
+    "model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
+    "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
+    "model.decoder_num_heads=2", "data.train=bundled:train", "data.batch_size=8", "data.num_workers=0",
+    "data.shuffle_buffer=64", "optim.epochs=1", "optim.warmup_epochs=0.05", "optim.base_lr=1.0e-3",
+    "run.progress=false", "run.viz_every=0",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is faster, and far faster on a shared, oversubscribed CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(run_dir: Path, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, None, [*TINY, f"run.dir={run_dir}", *overrides])
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in runs.read_metrics(run_dir / "metrics.jsonl")]
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_end_to_end_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(run_dir, "optim.max_steps=6", "run.log_every=2", "run.ckpt_every=3", "run.keep_last=1",
+               "run.viz_every=3", "run.viz_images=4")
+    result = train(cfg)
+
+    assert result["step"] == 6 and result["resumed_from"] is None and result["num_processes"] == 1
+    rows = runs.read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert all(r["nonfinite_steps"] == 0 and r["lr"] > 0 for r in rows)
+    # the resolved config round-trips
+    assert load_config(PretrainConfig, run_dir / "config.yaml") == cfg
+    # keep_last=1: only the newest checkpoint, and `latest` names it
+    ckpts = runs.RunDir(run_dir).checkpoints()
+    assert [c.name for c in ckpts] == ["step-00000006"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["epoch"] == 0 and state["batch"] == 6
+    # the exported encoder loads strictly into a timm ViT of the same shape
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=32, depth=1, num_heads=2)
+    vit.load_state_dict(load_file(str(run_dir / "encoder.safetensors")), strict=True)
+    trained = _weights(ckpts[0])
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, trained["encoder.blocks.0.attn.qkv.weight"])
+    # reconstruction grids at steps 3 and 6: 4 rows x 4 columns of 32 px tiles
+    from PIL import Image
+
+    grids = sorted(p.name for p in (run_dir / "images").iterdir())
+    assert grids == ["recon-00000003.png", "recon-00000006.png"]
+    with Image.open(run_dir / "images" / grids[-1]) as im:
+        assert im.size == (4 * 34 + 2, 4 * 34 + 2)
+    # `maevit visualize RUN_DIR` rebuilds the model from config.yaml and the latest checkpoint
+    from maevit.viz import main as visualize
+
+    out = tmp_path / "grid.png"
+    assert visualize([str(run_dir), "--data", "bundled:val", "--out", str(out), "--num-images", "2"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (4 * 34 + 2, 2 * 34 + 2)
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path):
+    common = ("run.log_every=1", "run.ckpt_every=3", "optim.accum_steps=2")
+    train(_cfg(tmp_path / "full", *common, "optim.max_steps=7"))
+    first = train(_cfg(tmp_path / "part", *common, "optim.max_steps=3"))
+    assert first["step"] == 3
+    resumed = train(_cfg(tmp_path / "part", *common, "optim.max_steps=7"))
+
+    assert resumed["resumed_from"].endswith("step-00000003")
+    full, part = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert [s for s, _ in part] == list(range(1, 8))  # no duplicated or missing rows
+    assert part == full  # bitwise-identical losses
+    a = _weights(tmp_path / "full" / "checkpoints" / "step-00000007")
+    b = _weights(tmp_path / "part" / "checkpoints" / "step-00000007")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fresh_moves_old_run_aside(tmp_path):
+    run_dir = tmp_path / "run"
+    train(_cfg(run_dir, "optim.max_steps=2", "run.ckpt_every=2"))
+    again = train(_cfg(run_dir, "optim.max_steps=2", "run.ckpt_every=2"))
+    assert again["resumed_from"] is not None  # same command: resumes (nothing left to do)
+    result = train(_cfg(run_dir, "optim.max_steps=2", "run.ckpt_every=2", "run.fresh=true"))
+    assert result["resumed_from"] is None
+    previous = [p for p in run_dir.iterdir() if p.name.startswith("previous-")]
+    assert len(previous) == 1
+    assert (previous[0] / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+    assert (previous[0] / "encoder.safetensors").is_file()
+
+
+class _NaNAfter:
+    """Wraps the real loader; batches number >= `start` (counted per iteration) become NaN."""
+
+    def __init__(self, loader, start, stop=None):
+        self.loader, self.start, self.stop = loader, start, stop
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, imgs in enumerate(self.loader):
+            if self.start <= i and (self.stop is None or i < self.stop):
+                imgs = torch.full_like(imgs, float("nan"))
+            yield imgs
+
+
+def _patch_loader(monkeypatch, start, stop=None):
+    import maevit.data.stream as stream
+
+    real = stream.pretrain_loader
+    monkeypatch.setattr(stream, "pretrain_loader", lambda *a, **k: _NaNAfter(real(*a, **k), start, stop))
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    _patch_loader(monkeypatch, start=2, stop=3)  # exactly one bad batch
+    result = train(_cfg(tmp_path / "run", "optim.max_steps=5", "run.log_every=5"))
+    assert result["step"] == 5 and result["nonfinite_steps"] == 1
+    assert math.isfinite(result["loss"])  # mean over the finite steps only
+    weights = _weights(tmp_path / "run" / "checkpoints" / "step-00000005")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nonfinite_steps_in_a_row_stop_with_advice(tmp_path, monkeypatch):
+    _patch_loader(monkeypatch, start=2)  # every batch from the third on
+    cfg = _cfg(tmp_path / "run", "optim.max_steps=50", "run.log_every=1", "run.max_nonfinite=3", "run.ckpt_every=2")
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "3 optimizer steps in a row" in msg and "optim.base_lr" in msg and "fp32" in msg and "clip_grad" in msg
+    # the weights of the last checkpoint (step 4, two bad steps skipped) are finite
+    last = runs.RunDir(tmp_path / "run").latest_checkpoint()
+    assert last.name == "step-00000004"
+    assert all(torch.isfinite(w).all() for w in _weights(last).values())
+
+
+def test_unknown_key_and_missing_data_are_named(tmp_path, capsys):
+    assert main(["model.nmae=x", f"run.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "nmae" in err and "name" in err
+    assert main([str(REPO / "pretrain" / "demo.yaml"), "optim.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "'lr'" in err and "base_lr" in err
+    with pytest.raises(ConfigError, match="data.train"):
+        train(load_config(PretrainConfig, None, [f"run.dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_load(recipe):
+    cfg = load_config(PretrainConfig, recipe)
+    from maevit.models import mae_model_config
+
+    mae_model_config(cfg.model.name, **cfg.model.overrides())  # every override is a valid model argument
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_loses_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"run.dir={run_dir}", "run.log_every=1", "run.ckpt_every=2", "optim.max_steps=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "maevit.cli", "pretrain", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 1.5))  # a random moment: maybe mid-save
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+
+    run = runs.RunDir(run_dir)
+    ckpts = run.checkpoints()
+    assert ckpts, "no complete checkpoint survived"
+    for ckpt in ckpts:  # every published checkpoint is complete and readable
+        assert set(_weights(ckpt)) and json.loads((ckpt / "trainer_state.json").read_text())["step"] == runs.checkpoint_step(ckpt)
+        assert torch.load(ckpt / "optimizer.bin", weights_only=True)["state"]
+    last = run.latest_checkpoint()
+    assert last == ckpts[-1]
+    k = runs.checkpoint_step(last)
+    logged = [s for s, _ in _losses(run_dir)]
+    assert logged[:k] == list(range(1, k + 1))  # everything up to the checkpoint was logged
+
+    n = k + 3
+    result = train(_cfg(run_dir, "run.log_every=1", "run.ckpt_every=2", f"optim.max_steps={n}"))
+    assert result["resumed_from"] == str(last)
+    train(_cfg(tmp_path / "ref", "run.log_every=1", "run.ckpt_every=2", f"optim.max_steps={n}"))
+    got, ref = _losses(run_dir), _losses(tmp_path / "ref")
+    assert [s for s, _ in got] == list(range(1, n + 1))
+    assert [l for _, l in got] == pytest.approx([l for _, l in ref], rel=1e-5)
