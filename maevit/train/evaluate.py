@@ -1,0 +1,173 @@
+"""Classification metrics counted exactly once across processes, and a confusion-matrix PNG.
+
+Every rank counts its own samples into a confusion matrix and a top-5 counter;
+one ``sum`` reduction at the end combines them. No per-batch gather, so ranks
+may hold different numbers of batches (exactly-once loaders) and no sample is
+padded or duplicated.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ClassificationResult:
+    """Metrics of one evaluation pass (all processes combined).
+
+    Attributes:
+        confusion: ``[C, C]`` int64 counts, rows = true class, columns = predicted.
+        top5_correct: samples whose label is among the 5 highest scores.
+        loss_sum: summed cross-entropy over all samples.
+    """
+
+    confusion: torch.Tensor
+    top5_correct: int
+    loss_sum: float
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def top1(self) -> float:
+        return 100.0 * float(self.confusion.diag().sum()) / max(1, self.num_samples)
+
+    @property
+    def top5(self) -> float:
+        return 100.0 * self.top5_correct / max(1, self.num_samples)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.num_samples)
+
+    @property
+    def per_class(self) -> torch.Tensor:
+        """``[C]`` accuracy (%) per true class (nan for classes without samples)."""
+        rows = self.confusion.sum(1).double()
+        return 100.0 * self.confusion.diag().double() / rows.where(rows > 0, torch.nan)
+
+    def summary(self) -> dict[str, float]:
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "samples": self.num_samples}
+
+
+def count_predictions(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confusion counts ``[C, C]`` and top-5 hits (scalar) of one batch."""
+    pred = logits.argmax(-1)  # [B]
+    conf = torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+    top = logits.topk(min(5, num_classes), dim=-1).indices  # [B, 5]
+    return conf.view(num_classes, num_classes), (top == labels[:, None]).any(-1).sum()
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module,
+    loader: Iterable,
+    num_classes: int,
+    *,
+    accelerator: Any = None,
+    device: torch.device | str | None = None,
+) -> ClassificationResult:
+    """Top-1 / top-5 / per-class counts of ``model`` over a labeled loader.
+
+    Args:
+        model: maps ``[B, C, H, W]`` to logits ``[B, num_classes]`` (pass the
+            unwrapped model: no DDP sync is needed and ranks may have different
+            numbers of batches).
+        loader: this rank's share of the samples, each exactly once.
+        num_classes: size of the confusion matrix.
+        accelerator: combine counts of all processes (one ``sum`` reduce).
+    """
+    device = device or (accelerator.device if accelerator is not None else next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if accelerator is not None:
+            with accelerator.autocast():
+                logits = model(x)
+        else:
+            logits = model(x)
+        logits = logits.float()  # [B, C]
+        if int(y.max()) >= num_classes or int(y.min()) < 0:
+            raise ValueError(f"label {int(y.max())} outside [0, {num_classes}): does the data match the model's classes?")
+        c, t5 = count_predictions(logits, y, num_classes)
+        conf += c
+        top5 += t5
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+    model.train(was_training)
+    if accelerator is not None and accelerator.num_processes > 1:
+        conf = accelerator.reduce(conf, "sum")
+        top5 = accelerator.reduce(top5, "sum")
+        loss = accelerator.reduce(loss, "sum")
+    return ClassificationResult(conf.cpu(), int(top5), float(loss))
+
+
+def format_report(result: ClassificationResult, class_names: Sequence[str] | None = None, max_rows: int = 50) -> str:
+    """Plain-text report: totals, per-class accuracy, confusion matrix (small C)."""
+    c = result.confusion.shape[0]
+    names = list(class_names) if class_names else [str(i) for i in range(c)]
+    lines = [f"samples {result.num_samples}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}"]
+    per = result.per_class
+    order = range(c) if c <= max_rows else per.nan_to_num(101.0).argsort()[:max_rows].tolist()
+    lines.append("per-class accuracy" + ("" if c <= max_rows else f" (worst {max_rows})") + ":")
+    w = max(len(n) for n in names)
+    for i in order:
+        lines.append(f"  {names[i]:<{w}}  {per[i]:6.2f}%  ({int(result.confusion[i].sum())} samples)")
+    if c <= 20:
+        lines.append("confusion matrix (rows: true, columns: predicted):")
+        cw = max(4, len(str(int(result.confusion.max()))) + 1)
+        lines.append(" " * (w + 2) + "".join(f"{j:>{cw}}" for j in range(c)))
+        for i in range(c):
+            lines.append(f"  {names[i]:<{w}}" + "".join(f"{int(v):>{cw}}" for v in result.confusion[i]))
+    return "\n".join(lines)
+
+
+def save_confusion_png(
+    confusion: torch.Tensor, path: str | os.PathLike, class_names: Sequence[str] | None = None
+) -> Path:
+    """Row-normalised confusion matrix as a PNG heat map (rows: true class).
+
+    Drawn with PIL (already a dependency) rather than adding matplotlib: a
+    grid of cells, white -> dark blue by the row fraction, counts written in
+    the cells and class names on the axes when there is room.
+    """
+    from PIL import Image, ImageDraw
+
+    c = confusion.shape[0]
+    rows = confusion.sum(1, keepdim=True).clamp(min=1).double()
+    frac = (confusion.double() / rows).numpy()  # [C, C]
+    cell = max(2, min(40, 1000 // max(1, c)))
+    names = list(class_names) if class_names else [str(i) for i in range(c)]
+    show_text = cell >= 18
+    names = [f"{i} {n}" for i, n in enumerate(names)]  # columns are labelled by index
+    margin = (max(len(n) for n in names) * 6 + 10) if show_text else 4
+    size = margin + c * cell + 4
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    for i in range(c):
+        for j in range(c):
+            v = float(frac[i, j])
+            color = (int(255 * (1 - v) + 8 * v), int(255 * (1 - v) + 48 * v), int(255 * (1 - v) + 107 * v))
+            x0, y0 = margin + j * cell, margin + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=(220, 220, 220))
+            if show_text and confusion[i, j] > 0:
+                n = int(confusion[i, j])
+                draw.text((x0 + 2, y0 + cell // 2 - 5), str(n), fill="white" if v > 0.5 else "black")
+    if show_text:
+        for i, name in enumerate(names):
+            draw.text((2, margin + i * cell + cell // 2 - 5), name, fill="black")  # true class (rows)
+            # predicted class (columns): names would overlap, so the index (rows say which is which)
+            draw.text((margin + i * cell + 2, margin - 12), str(i), fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
