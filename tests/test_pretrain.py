@@ -227,3 +227,21 @@ def test_kill9_then_resume_loses_nothing(tmp_path):
     got, ref = _losses(run_dir), _losses(tmp_path / "ref")
     assert [s for s, _ in got] == list(range(1, n + 1))
     assert [l for _, l in got] == pytest.approx([l for _, l in ref], rel=1e-5)
+
+
+def test_online_knn_probe_logs_accuracy_of_every_val_sample(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(run_dir, "optim.max_steps=4", "run.log_every=2", "run.ckpt_every=4", "run.viz_every=0",
+               "run.probe_every=2", "run.probe_train=bundled:val", "run.probe_val=bundled:val")
+    train(cfg)
+    probes = [r for r in runs.read_metrics(run_dir / "metrics.jsonl") if "knn_top1" in r]
+    assert [r["step"] for r in probes] == [2, 4]
+    for r in probes:
+        assert r["knn_samples"] == 500  # bundled val: 10 classes x 50, each counted once
+        # memory bank == queries: each query finds itself, so top-1 is far above chance (10%)
+        assert 50.0 < r["knn_top1"] <= r["knn_top5"] <= 100.0
+
+
+def test_probe_without_sources_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="run.probe_train"):
+        _cfg(tmp_path / "run", "run.probe_every=10")

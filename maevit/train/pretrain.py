@@ -25,8 +25,10 @@ from typing import Any, Literal
 import torch
 
 from maevit.config import ConfigError, load_config, to_dict
+from maevit.data.stream import labeled_loader
 from maevit.models import create_mae
 from maevit.train import runs
+from maevit.train.knn import knn_accuracy
 from maevit.train.optim import build_adamw, cosine_lr, scaled_lr, set_lr
 
 logger = logging.getLogger("maevit.pretrain")
@@ -104,12 +106,18 @@ class RunConfig:
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     fresh: bool = False  # start over even if RUN_DIR has a checkpoint (old run moved aside)
     progress: bool = True  # tqdm progress bar on the main process
-    # an online kNN probe is not implemented yet (see the fine-tuning stream's `maevit probe`)
+    probe_every: int = 0  # steps between online kNN probes of the encoder (0: off)
+    probe_train: str = ""  # labeled memory bank for the probe (e.g. "bundled:train"); small is fine
+    probe_val: str = ""  # labeled queries for the probe (e.g. "bundled:val")
+    probe_k: int = 20  # neighbours that vote (cosine, temperature 0.07)
 
     def validate(self) -> None:
         for key in ("log_every", "ckpt_every", "keep_last", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key} must be >= 1, got {getattr(self, key)}")
+        if self.probe_every and not (self.probe_train and self.probe_val):
+            raise ConfigError("run.probe_every is set but run.probe_train / run.probe_val are not: "
+                              "give two labeled sources (e.g. run.probe_train=bundled:train run.probe_val=bundled:val)")
 
 
 @dataclass
@@ -187,6 +195,15 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                                      world_size=1, scale=(1.0, 1.0), shuffle_buffer=cfg.run.viz_images)))
         viz_noise = torch.rand(len(viz_imgs), model.num_patches, generator=torch.Generator().manual_seed(0))
 
+    probe = None
+    if cfg.run.probe_every and sharded:
+        logger.warning("the online kNN probe is off under %s (it needs the whole encoder on each rank)",
+                       acc.distributed_type.value)
+    elif cfg.run.probe_every:  # every rank embeds its exactly-once share; features are gathered
+        kw = dict(img_size=cfg.model.img_size, batch_size=cfg.data.batch_size, train=False, num_workers=0,
+                  rank=acc.process_index, world_size=acc.num_processes, mean=cfg.data.mean, std=cfg.data.std)
+        probe = (labeled_loader(cfg.run.probe_train, **kw), labeled_loader(cfg.run.probe_val, **kw))
+
     # schedule in optimizer steps; every rank has len(loader) batches per epoch
     accum = cfg.optim.accum_steps
     eff_batch = cfg.data.batch_size * acc.num_processes * accum
@@ -256,6 +273,9 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 max_bad_run.zero_()
             if viz_imgs is not None and (step % cfg.run.viz_every == 0 or step == last_step):
                 _save_grid(acc, model, viz_imgs, viz_noise, cfg, run.images_dir / f"recon-{step:08d}.png")
+            if probe is not None and (step % cfg.run.probe_every == 0 or step == last_step):
+                metrics.log(step, **knn_accuracy(acc.unwrap_model(model).encoder, *probe, k=cfg.run.probe_k,
+                                                 accelerator=acc))
             if step % cfg.run.ckpt_every == 0 or step == last_step:
                 state.update(step=step, **loader.state_dict(), nonfinite_steps=int(bad_total.item()))
                 runs.save_checkpoint(acc, run, step, state, keep_last=cfg.run.keep_last, generators={"mask": mask_gen})
