@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -684,32 +684,28 @@ def _recipe_args(prog: str, doc: str, argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def main_finetune(argv: list[str]) -> int:
-    """``maevit finetune [RECIPE.yaml] [key=value ...] [--label-fraction F]``."""
-    a = _recipe_args("maevit finetune", main_finetune.__doc__, argv)
+def _run_from_recipe(command: str, doc: str, cfg_cls: type, run: Callable, argv: list[str]) -> int:
+    """Parse ``[RECIPE.yaml] [key=value ...]`` into ``cfg_cls`` and run it; config errors exit 2."""
+    a = _recipe_args(command, doc, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg = load_config(FinetuneConfig, a.recipe, a.overrides)
+        cfg = load_config(cfg_cls, a.recipe, a.overrides)
     except ConfigError as e:
-        print(f"maevit finetune: {e}", file=sys.stderr)
+        print(f"{command}: {e}", file=sys.stderr)
         return 2
-    out = finetune(cfg)
+    out = run(cfg)
     print(json.dumps({k: v for k, v in out.items() if k != "losses"}))
     return 0
+
+
+def main_finetune(argv: list[str]) -> int:
+    """``maevit finetune [RECIPE.yaml] [key=value ...] [--label-fraction F]``."""
+    return _run_from_recipe("maevit finetune", main_finetune.__doc__, FinetuneConfig, finetune, argv)
 
 
 def main_probe(argv: list[str]) -> int:
     """``maevit probe [RECIPE.yaml] [key=value ...] [--label-fraction F]`` (ProbeConfig keys)."""
-    a = _recipe_args("maevit probe", main_probe.__doc__, argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(ProbeConfig, a.recipe, a.overrides)
-    except ConfigError as e:
-        print(f"maevit probe: {e}", file=sys.stderr)
-        return 2
-    out = probe(cfg)
-    print(json.dumps({k: v for k, v in out.items() if k != "losses"}))
-    return 0
+    return _run_from_recipe("maevit probe", main_probe.__doc__, ProbeConfig, probe, argv)
 
 
 __all__ = [
