@@ -20,25 +20,17 @@ from contextlib import nullcontext
 import torch
 
 from maevit import create_mae
-from maevit.train.checkpoint import to_hf_vitmae_keys
+from maevit.train.checkpoint import hf_vitmae_config, to_hf_vitmae_keys
 
 
 def hf_twin(model: torch.nn.Module, attn: str = "sdpa") -> torch.nn.Module:
     """A ``ViTMAEForPreTraining`` with ``model``'s architecture and weights (square images only)."""
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    from transformers import ViTMAEForPreTraining
 
-    enc, dec = model.encoder, model.decoder
-    h, w = enc.patch_embed.img_size
+    h, w = model.encoder.patch_embed.img_size
     if h != w:
         raise SystemExit("HF ViTMAE supports square images only; use a square --img-size")
-    cfg = ViTMAEConfig(
-        hidden_size=enc.embed_dim, num_hidden_layers=len(enc.blocks), num_attention_heads=enc.blocks[0].attn.num_heads,
-        intermediate_size=enc.blocks[0].mlp.fc1.out_features, decoder_hidden_size=dec.embed.out_features,
-        decoder_num_hidden_layers=len(dec.blocks), decoder_num_attention_heads=dec.blocks[0].attn.num_heads,
-        decoder_intermediate_size=dec.blocks[0].mlp.fc1.out_features, image_size=h, patch_size=enc.patch_size,
-        num_channels=enc.in_chans, mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss,
-        layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True, attn_implementation=attn,
-    )
+    cfg = hf_vitmae_config(model, attn)
     hf = ViTMAEForPreTraining(cfg)
     hf.load_state_dict(to_hf_vitmae_keys(model.state_dict(), layout="transformers5"), strict=True)
     return hf

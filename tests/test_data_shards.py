@@ -13,6 +13,7 @@ from PIL import Image
 
 from maevit.data.shards import check_shards, main, write_shards
 from maevit.data.stream import labeled_loader, pretrain_loader, resolve_source
+from tar_helpers import write_tar
 
 
 def _jpeg(rng: np.random.Generator, size=(20, 14)) -> bytes:
@@ -20,14 +21,6 @@ def _jpeg(rng: np.random.Generator, size=(20, 14)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture
@@ -117,7 +110,7 @@ def test_cli_write_info_check(tmp_path, capsys, monkeypatch):
         members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
     name0 = next(n for n, _ in members if n.endswith(".png"))
     members = [(n, b"\x89PNG garbage" if n == name0 else d) for n, d in members]
-    _write_tar(shard, members)
+    write_tar(shard, members)
     assert main(["check", str(out), "--no-progress"]) == 1
     report = capsys.readouterr().out
     assert f"BAD {shard}:{name0[:-4]}" in report and "499 samples OK, 1 bad" in report
@@ -128,7 +121,7 @@ def test_cli_write_info_check(tmp_path, capsys, monkeypatch):
 def test_img2dataset_and_imagenet_style_shards(tmp_path):
     rng = np.random.default_rng(1)
     # img2dataset: {key}.jpg / .txt / .json, no index; ImageNet-style: .jpg + .cls
-    _write_tar(tmp_path / "00000.tar", [
+    write_tar(tmp_path / "00000.tar", [
         m for i in range(6) for m in (
             (f"0000{i:05d}.jpg", _jpeg(rng)), (f"0000{i:05d}.txt", b"a caption"),
             (f"0000{i:05d}.json", json.dumps({"url": "http://x", "key": f"{i}"}).encode()),
@@ -138,7 +131,7 @@ def test_img2dataset_and_imagenet_style_shards(tmp_path):
     assert loader.num_samples == 6 and sum(len(b) for b in loader) == 6
     inet = tmp_path / "inet"
     inet.mkdir()
-    _write_tar(inet / "train-0.tar", [
+    write_tar(inet / "train-0.tar", [
         m for i in range(4) for m in ((f"n01/{i}.JPEG", _jpeg(rng)), (f"n01/{i}.cls", str(i % 2).encode()))
     ])
     (x, y), = list(labeled_loader(str(inet / "train-0.tar"), img_size=8, batch_size=4, train=False, num_workers=0))
@@ -150,9 +143,9 @@ def damaged_shards(tmp_path):
     """20 good samples + a corrupt JPEG + a sample without image + a truncated shard."""
     rng = np.random.default_rng(2)
     good = [m for i in range(20) for m in ((f"g{i:03d}.jpg", _jpeg(rng)), (f"g{i:03d}.cls", b"1"))]
-    _write_tar(tmp_path / "d-000000.tar", good[:20] + [("bad.jpg", b"\xff\xd8\xff\xe0 not a jpeg"), ("bad.cls", b"0")]
+    write_tar(tmp_path / "d-000000.tar", good[:20] + [("bad.jpg", b"\xff\xd8\xff\xe0 not a jpeg"), ("bad.cls", b"0")]
                + [("noimg.json", b"{}"), ("noimg.cls", b"0")] + good[20:])
-    _write_tar(tmp_path / "d-000001.tar", [
+    write_tar(tmp_path / "d-000001.tar", [
         m for i in range(6) for m in ((f"t{i:03d}.jpg", _jpeg(rng, (64, 64))), (f"t{i:03d}.cls", b"2"))
     ])
     full = (tmp_path / "d-000001.tar").read_bytes()
@@ -203,7 +196,7 @@ def test_pickle_and_torch_members_never_loaded(tmp_path):
     for i in range(4):
         members += [(f"{i}.jpg", _jpeg(rng)), (f"{i}.cls", b"0"), (f"{i}.pyd", payload),
                     (f"{i}.pth", payload), (f"{i}.pickle", payload)]
-    _write_tar(tmp_path / "evil.tar", members)
+    write_tar(tmp_path / "evil.tar", members)
     assert len(list(pretrain_loader(str(tmp_path / "evil.tar"), img_size=8, batch_size=2, num_workers=0))) == 2
     assert len(list(labeled_loader(str(tmp_path / "evil.tar"), img_size=8, batch_size=2, train=True,
                                    num_workers=0))) == 2

@@ -1,6 +1,5 @@
 """Streaming: exact-epoch split across ranks and workers, determinism, resume, eval, label fractions."""
 import io
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from maevit.data.stream import labeled_loader, pretrain_loader, resolve_source
+from tar_helpers import write_tar
 
 ID_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # outputs raw 0..255 values
 
@@ -27,14 +27,6 @@ def _ids(batch: torch.Tensor) -> list[int]:
     return red.mean(1).round().long().tolist()
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture
 def uneven_shards(tmp_path):
     """7 shards of uneven sizes holding samples 0..100, labeled `i % 4`."""
@@ -45,7 +37,7 @@ def uneven_shards(tmp_path):
         for _ in range(n):
             members += [(f"{i:06d}.png", _id_png(i)), (f"{i:06d}.cls", str(i % 4).encode())]
             i += 1
-        _write_tar(tmp_path / f"part-{s:06d}.tar", members)
+        write_tar(tmp_path / f"part-{s:06d}.tar", members)
     assert i == 101
     return tmp_path
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from maevit import create_mae
 from maevit.models import sincos_2d
-from maevit.train.checkpoint import load_mae_weights, to_hf_vitmae_keys, to_maevit_mae_keys
+from maevit.train.checkpoint import hf_vitmae_config, load_mae_weights, to_hf_vitmae_keys, to_maevit_mae_keys
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.vit_mae import modeling_vit_mae  # noqa: E402
@@ -24,19 +24,6 @@ CASES = {
     "tiny_32x48_c4": ("mae_vit_tiny_patch16", dict(img_size=(32, 48), patch_size=8, in_chans=4, depth=2,
                                                    decoder_embed_dim=128, decoder_depth=1, decoder_num_heads=4), "sdpa"),
 }
-
-
-def _hf_config(model, attn: str) -> "transformers.ViTMAEConfig":
-    enc, dec = model.encoder, model.decoder
-    h, w = enc.patch_embed.img_size
-    return transformers.ViTMAEConfig(
-        hidden_size=enc.embed_dim, num_hidden_layers=len(enc.blocks), num_attention_heads=enc.blocks[0].attn.num_heads,
-        intermediate_size=enc.blocks[0].mlp.fc1.out_features, decoder_hidden_size=dec.embed.out_features,
-        decoder_num_hidden_layers=len(dec.blocks), decoder_num_attention_heads=dec.blocks[0].attn.num_heads,
-        decoder_intermediate_size=dec.blocks[0].mlp.fc1.out_features, image_size=h, patch_size=enc.patch_size,
-        num_channels=enc.in_chans, mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss,
-        layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True, attn_implementation=attn,
-    )
 
 
 def _hf_model(model, attn: str):
@@ -54,7 +41,7 @@ def _hf_model(model, attn: str):
     ``interpolate_pos_encoding=True`` only to get past the square check. The
     transformer math HF runs is untouched.
     """
-    hf = transformers.ViTMAEForPreTraining(_hf_config(model, attn)).eval()
+    hf = transformers.ViTMAEForPreTraining(hf_vitmae_config(model, attn)).eval()
     h, w = model.encoder.patch_embed.img_size
     if h == w:
         return hf, {}
@@ -128,7 +115,7 @@ def test_hub_layout_file_loads_with_from_pretrained(tmp_path):
 
     model = create_mae("mae_vit_tiny_patch16", **CASES["tiny_d2"][1])
     _randomize(model)
-    config = _hf_config(model, "sdpa")
+    config = hf_vitmae_config(model, "sdpa")
     config.save_pretrained(tmp_path)
     save_file(to_hf_vitmae_keys(model.state_dict(), layout="hub"), str(tmp_path / "model.safetensors"))
     hf, info = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path, output_loading_info=True)

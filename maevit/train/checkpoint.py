@@ -430,6 +430,27 @@ def to_timm_encoder_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k[len("encoder."):]: v for k, v in to_maevit_mae_keys(sd).items() if k.startswith("encoder.")}
 
 
+def hf_vitmae_config(model: Any, attn_implementation: str = "sdpa") -> Any:
+    """A ``transformers.ViTMAEConfig`` describing the same architecture as a maevit MAE.
+
+    With :func:`to_hf_vitmae_keys` this builds a Hugging Face twin of a model (parity
+    tests, side-by-side benchmarks). ``layer_norm_eps`` is set to MAE's 1e-6 (HF's
+    default is 1e-12). HF builds its position tables for a square grid only.
+    """
+    from transformers import ViTMAEConfig
+
+    enc, dec = model.encoder, model.decoder
+    h, _ = enc.patch_embed.img_size
+    return ViTMAEConfig(
+        hidden_size=enc.embed_dim, num_hidden_layers=len(enc.blocks), num_attention_heads=enc.blocks[0].attn.num_heads,
+        intermediate_size=enc.blocks[0].mlp.fc1.out_features, decoder_hidden_size=dec.embed.out_features,
+        decoder_num_hidden_layers=len(dec.blocks), decoder_num_attention_heads=dec.blocks[0].attn.num_heads,
+        decoder_intermediate_size=dec.blocks[0].mlp.fc1.out_features, image_size=h, patch_size=enc.patch_size,
+        num_channels=enc.in_chans, mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss,
+        layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True, attn_implementation=attn_implementation,
+    )
+
+
 def to_hf_vitmae_keys(sd: Mapping[str, torch.Tensor], layout: str = "hub") -> dict[str, torch.Tensor]:
     """Convert a state dict to Hugging Face ``ViTMAEForPreTraining`` names.
 
