@@ -53,6 +53,10 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=30)
     p.add_argument("--pretrain-lr", type=float, default=1.5e-3, help="base lr (x batch/256); 10x MAE's for short runs")
     p.add_argument("--ft-epochs", type=int, default=15)
+    p.add_argument("--ft-epochs-low", type=int, default=None,
+                   help="fine-tune epochs at 10%% labels (default: 3x --ft-epochs; 10x fewer images per epoch)")
+    p.add_argument("--probe-every", type=int, default=0,
+                   help="online kNN probe every N pretraining steps (the curve of kNN vs steps; 0: off)")
     p.add_argument("--probe-epochs", type=int, default=50)
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--dim", type=int, default=192)
@@ -100,13 +104,18 @@ def main() -> None:
             f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
             f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
             f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
-            "run.progress=false",
+            "run.progress=false", f"run.keep_last=1",
+            *([f"run.probe_every={a.probe_every}", f"run.probe_train={train}", f"run.probe_val={test}"]
+              if a.probe_every else []),
         ])
         res = pt.train(cfg)
         save("pretrain", dict(loss=res.get("loss"), minutes=round((time.time() - t) / 60, 1),
                               images_per_sec=res.get("images_per_sec")))
+        rows = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+        save("pretrain_curve", [{k: r[k] for k in ("step", "loss", "knn_top1") if k in r}
+                                for r in rows if "knn_top1" in r or r["step"] % 100 == 0])
 
-    def ft(name: str, pretrained: Path | None, fraction: float | None) -> None:
+    def ft(name: str, pretrained: Path | None, fraction: float | None, epochs: int) -> None:
         if name in results:
             return
         t = time.time()
@@ -117,9 +126,9 @@ def main() -> None:
             f"data.train={train}", f"data.val={test}", "data.batch_size=64", f"data.num_workers={a.workers}",
             f"data.label_fraction={fraction if fraction else 'null'}",
             "data.mixup=0.8", "data.cutmix=1.0", "data.smoothing=0.1", "data.re_prob=0.25",
-            f"optim.epochs={a.ft_epochs}", "optim.base_lr=1.0e-3", "optim.layer_decay=0.75",
+            f"optim.epochs={epochs}", "optim.base_lr=1.0e-3", "optim.layer_decay=0.75",
             "optim.warmup_epochs=2", "optim.weight_decay=0.05",
-            f"run.dir={out / name}", f"run.eval_every={max(1, a.ft_epochs)}", "run.log_every=20",
+            f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20",
         ]
         res = finetune(load_config(FinetuneConfig, None, ov))
         save(name, dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
@@ -134,7 +143,10 @@ def main() -> None:
                 f"optim.epochs={a.probe_epochs}", "optim.warmup_epochs=5", f"run.dir={out / ('probe_' + enc_name)}",
             ]))
             save(f"probe_{enc_name}", dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
-        if "knn" in stages and f"knn_{enc_name}" not in results:
+        for pool in ("token", "avg"):
+            key = f"knn_{enc_name}" + ("" if pool == "token" else "_avg")
+            if "knn" not in stages or key in results:
+                continue
             from accelerate import Accelerator
 
             from maevit.data.stream import labeled_loader
@@ -144,18 +156,20 @@ def main() -> None:
             Accelerator(cpu=True)
             t = time.time()
             enc = create_classifier("mae_vit_tiny_patch16", 0, pretrained=src, img_size=32, patch_size=a.patch,
-                                    global_pool="token", **size)
+                                    global_pool=pool, **size)
             kw = dict(img_size=32, batch_size=256, train=False, num_workers=a.workers)
             res = knn_accuracy(enc, labeled_loader(str(train), **kw), labeled_loader(str(test), **kw), k=20, T=0.07)
-            save(f"knn_{enc_name}", dict(top1=res["knn_top1"], top5=res["knn_top5"], minutes=round((time.time() - t) / 60, 1)))
+            save(key, dict(top1=res["knn_top1"], top5=res["knn_top5"], minutes=round((time.time() - t) / 60, 1)))
 
     if "ft" in stages:
-        for frac, tag in ((None, "100"), (0.1, "10")):
-            ft(f"ft_mae_{tag}", enc_path, frac)
-            ft(f"ft_scratch_{tag}", None, frac)
+        low = a.ft_epochs_low or 3 * a.ft_epochs
+        for frac, tag, epochs in ((0.1, "10", low), (None, "100", a.ft_epochs)):  # the cheap pair first
+            ft(f"ft_mae_{tag}", enc_path, frac, epochs)
+            ft(f"ft_scratch_{tag}", None, frac, epochs)
 
     rows = [("fine-tune, 100% labels", "ft_mae_100", "ft_scratch_100"), ("fine-tune, 10% labels", "ft_mae_10", "ft_scratch_10"),
-            ("linear probe", "probe_mae", "probe_random"), ("kNN (k=20)", "knn_mae", "knn_random")]
+            ("linear probe", "probe_mae", "probe_random"), ("kNN (k=20), class token", "knn_mae", "knn_random"),
+            ("kNN (k=20), mean of patch tokens", "knn_mae_avg", "knn_random_avg")]
     print("\n| CIFAR-10 top-1 | MAE-pretrained | scratch / random init |\n|---|---|---|")
     for label, k1, k2 in rows:
         f = lambda k: f"{results[k]['top1']:.1f}%" if k in results and results[k].get("top1") is not None else "-"  # noqa: E731

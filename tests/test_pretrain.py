@@ -245,3 +245,21 @@ def test_online_knn_probe_logs_accuracy_of_every_val_sample(tmp_path):
 def test_probe_without_sources_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="run.probe_train"):
         _cfg(tmp_path / "run", "run.probe_every=10")
+
+
+def test_tensorboard_gets_the_logged_metrics(tmp_path):
+    # tensorboard is in the test extras: when it is installed, Accelerate's tracker gets every metrics row
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    train(_cfg(run_dir, "optim.max_steps=4", "run.log_every=2", "run.ckpt_every=4",
+               "run.probe_every=4", "run.probe_train=bundled:val", "run.probe_val=bundled:val"))
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, f"no event file under {run_dir / 'tensorboard'}"
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    rows = runs.read_metrics(run_dir / "metrics.jsonl")
+    for tag, key in (("train/loss", "loss"), ("probe/knn_top1", "knn_top1")):
+        logged = [r for r in rows if key in r]
+        scalars = acc.Scalars(tag)
+        assert [e.step for e in scalars] == [r["step"] for r in logged] and len(logged) >= 1
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in logged], rel=1e-6)

@@ -100,7 +100,7 @@ class MAEDecoder(nn.Module):
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # image order
         x = torch.cat([prefix, x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
-        return self.pred(x)[:, n:]
+        return self.pred(x[:, n:])  # no prediction for prefix tokens (and not a view: FSDP2 warns on views)
 
 
 class MaskedAutoencoder(nn.Module):

@@ -274,8 +274,9 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             if viz_imgs is not None and (step % cfg.run.viz_every == 0 or step == last_step):
                 _save_grid(acc, model, viz_imgs, viz_noise, cfg, run.images_dir / f"recon-{step:08d}.png")
             if probe is not None and (step % cfg.run.probe_every == 0 or step == last_step):
-                metrics.log(step, **knn_accuracy(acc.unwrap_model(model).encoder, *probe, k=cfg.run.probe_k,
-                                                 accelerator=acc))
+                knn = knn_accuracy(acc.unwrap_model(model).encoder, *probe, k=cfg.run.probe_k, accelerator=acc)
+                metrics.log(step, **knn)
+                acc.log({f"probe/{k}": v for k, v in knn.items()}, step=step)
             if step % cfg.run.ckpt_every == 0 or step == last_step:
                 state.update(step=step, **loader.state_dict(), nonfinite_steps=int(bad_total.item()))
                 runs.save_checkpoint(acc, run, step, state, keep_last=cfg.run.keep_last, generators={"mask": mask_gen})
