@@ -126,7 +126,9 @@ def main() -> None:
             f"data.train={train}", f"data.val={test}", "data.batch_size=64", f"data.num_workers={a.workers}",
             f"data.label_fraction={fraction if fraction else 'null'}",
             "data.mixup=0.8", "data.cutmix=1.0", "data.smoothing=0.1", "data.re_prob=0.25",
-            f"optim.epochs={epochs}", "optim.base_lr=1.0e-3", "optim.layer_decay=0.75",
+            # layer decay only makes sense for a pretrained encoder: from scratch it would just starve the
+            # lower blocks of learning rate, so scratch runs use 1.0 (as DeiT does); all else is equal
+            f"optim.epochs={epochs}", "optim.base_lr=1.0e-3", f"optim.layer_decay={0.75 if pretrained else 1.0}",
             "optim.warmup_epochs=2", "optim.weight_decay=0.05",
             f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20",
         ]

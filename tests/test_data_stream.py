@@ -205,3 +205,16 @@ def test_sources_and_errors(uneven_shards, tmp_path):
         pretrain_loader("pipe:cat " + pattern, img_size=8, batch_size=4)
     with pytest.raises(ValueError, match="allow_pipe=True"):
         pretrain_loader(["pipe:curl -s http://example.com/a.tar"], img_size=8, batch_size=4)
+
+
+def test_a_failing_transform_is_raised_not_counted_as_corrupt(monkeypatch):
+    # bad data is skipped and counted; an augmentation bug on a good image must surface, with the sample named
+    import maevit.data.stream as stream
+
+    def broken(transform, img, seed):
+        raise ValueError("bits must be between or equal to 1 and 8")
+
+    monkeypatch.setattr(stream, "apply_seeded", broken)
+    loader = stream.labeled_loader("bundled:val", img_size=32, batch_size=4, train=True, num_workers=0)
+    with pytest.raises(stream.TransformError, match=r"decoded fine: ValueError: bits must be"):
+        next(iter(loader))

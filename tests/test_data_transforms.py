@@ -94,3 +94,26 @@ def test_bundled_classes_are_separable():
         int(np.argmin(((means - f) ** 2).sum(1)) == ci) for ci, x in enumerate(xs.values()) for f in x[40:]
     )
     assert correct / (20 * len(bundled.CLASSES)) > 0.5  # chance is 0.1
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "original"])
+def test_randaugment_posterize_at_full_magnitude_does_not_fail(spec):
+    # timm asks for 0 bits at magnitude 10 (PosterizeIncreasing); Pillow >= 10 raises on 0 bits
+    from timm.data.auto_augment import AugmentOp
+
+    from maevit.data.transforms import labeled_transform
+
+    t = labeled_transform(32, train=True, auto_augment=spec)
+    ops = [op for step in t.transforms for group in (getattr(step, "ops", None) or getattr(step, "policy", []))
+           for op in (group if isinstance(group, (list, tuple)) else [group]) if isinstance(op, AugmentOp)]
+    posterize_ops = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize_ops, f"no posterize op in {spec}"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    for op in posterize_ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
+        bits = op.level_fn(10.0, op.hparams)[0]
+        out = np.asarray(op(img))
+        if bits <= 0:
+            assert out.max() == 0  # no bit kept: black
+        else:
+            assert (out & ((1 << (8 - bits)) - 1) == 0).all()  # only the top `bits` bits survive

@@ -280,6 +280,11 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
 # Reading raw samples (no decoding)
 # ---------------------------------------------------------------------------------------------
 
+class TransformError(RuntimeError):
+    """An augmentation failed on an image that decoded fine: a bug, not bad data, so it is
+    raised (with the sample's name) instead of being skipped and counted as corrupt."""
+
+
 class _Errors:
     """Per-worker bad-sample counters with rate-limited logging (never sleeps, never raises)."""
 
@@ -534,9 +539,13 @@ class _StreamDataset(IterableDataset):
         if isinstance(s.transform, PretrainTransform):
             img = s.transform(data, _rng(*seed_key))  # [3, H, W] uint8
         else:
-            pil = open_image(data).convert("RGB")
+            pil = open_image(data).convert("RGB")  # decodes: errors here are bad data
             seed = int(_rng(*seed_key).integers(1 << 31))
-            img = apply_seeded(s.transform, pil, seed)  # [3, H, W] float, normalized
+            try:
+                img = apply_seeded(s.transform, pil, seed)  # [3, H, W] float, normalized
+            except Exception as exn:
+                raise TransformError(f"the transform failed on {sample.get('__url__')}:{sample['__key__']}, "
+                                     f"which decoded fine: {type(exn).__name__}: {exn}") from exn
         return img, label
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -589,6 +598,8 @@ class _StreamDataset(IterableDataset):
         for i, sample in enumerate(raw):
             try:
                 img, label = self._decode(sample, (s.seed, s.epoch, s.rank, lw, slot0 + i))
+            except TransformError:
+                raise
             except KeyError as exn:
                 errors.add("missing_label", f"{sample.get('__url__')}:{sample['__key__']}: {exn}")
                 img, label = None, -1

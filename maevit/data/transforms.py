@@ -274,15 +274,45 @@ def labeled_transform(
 
     h, w = to_2tuple(img_size)
     if train:
-        return create_transform(
+        transform = create_transform(
             (3, h, w), is_training=True, auto_augment=auto_augment, re_prob=re_prob,
             re_mode="pixel", color_jitter=color_jitter, scale=scale, hflip=hflip,
             interpolation=interpolation, mean=tuple(mean), std=tuple(std), **timm_kwargs,
         )
+        return _patch_posterize(transform)
     return create_transform(
         (3, h, w), is_training=False, interpolation=interpolation, crop_pct=crop_pct,
         mean=tuple(mean), std=tuple(std), **timm_kwargs,
     )
+
+
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's ``posterize`` op, also for 0 bits (an all-black image).
+
+    timm's RandAugment ``PosterizeIncreasing`` asks for 4 - level x 4/10 bits, i.e.
+    0 bits at magnitude 10, which ``rand-m9-mstd0.5`` reaches now and then; Pillow
+    >= 10 rejects 0 bits with a ValueError ("bits must be between or equal to 1
+    and 8") that would otherwise kill or skip the sample.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # keeping no bit zeroes every pixel
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform: Any) -> Any:
+    """Swap :func:`posterize_any_bits` into the posterize ops of timm's RandAugment / AutoAugment."""
+    from timm.data.auto_augment import posterize
+
+    for t in getattr(transform, "transforms", ()):
+        for op in getattr(t, "ops", ()) or getattr(t, "policy", ()):
+            for sub in op if isinstance(op, (list, tuple)) else (op,):  # AutoAugment: lists of ops
+                if getattr(sub, "aug_fn", None) is posterize:
+                    sub.aug_fn = posterize_any_bits
+    return transform
 
 
 def apply_seeded(transform: Callable[[Any], torch.Tensor], img: Any, seed: int) -> torch.Tensor:
