@@ -120,6 +120,10 @@ def test_fresh_moves_old_run_aside(tmp_path):
     assert len(previous) == 1
     assert (previous[0] / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
     assert (previous[0] / "encoder.safetensors").is_file()
+    # TensorBoard logs stay with their run: two sessions in the old one, one in the new one
+    # (top level only: Accelerate writes the config as hparams into a subfolder of its own)
+    assert len(list((previous[0] / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 class _NaNAfter:

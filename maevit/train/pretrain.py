@@ -146,11 +146,16 @@ def _accelerator(cfg: PretrainConfig):
         log_with="tensorboard" if tb else None,
         project_dir=cfg.run.dir,
     )
-    if tb:
+    return acc
+
+
+def _start_trackers(acc, cfg: PretrainConfig) -> None:
+    """TensorBoard under RUN_DIR/tensorboard, once ``open_run`` has set RUN_DIR up (``run.fresh``
+    moves an old run aside, and a writer opened before that would follow it)."""
+    if acc.log_with:
         flat = {f"{s}.{k}": str(v) if isinstance(v, (list, tuple)) or v is None else v
                 for s, sec in to_dict(cfg).items() for k, v in sec.items()}
         acc.init_trackers("tensorboard", config=flat)
-    return acc
 
 
 def _loader(cfg: PretrainConfig, acc, *, batch_size: int | None = None, **kw):
@@ -183,6 +188,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     acc = _accelerator(cfg)
     logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device, cfg.run.precision)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
+    _start_trackers(acc, cfg)
     set_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
     model = create_mae(cfg.model.name, **cfg.model.overrides())
     loader = _loader(cfg, acc)
