@@ -104,7 +104,7 @@ def main() -> None:
             f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
             f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
             f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
-            "run.progress=false", f"run.keep_last=1",
+            "run.progress=false", "run.keep_last=1",
             *([f"run.probe_every={a.probe_every}", f"run.probe_train={train}", f"run.probe_val={test}"]
               if a.probe_every else []),
         ])

@@ -139,14 +139,12 @@ def _accelerator(cfg: PretrainConfig):
     from accelerate.utils import is_tensorboard_available
 
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.run.precision]
-    tb = bool(is_tensorboard_available())
-    acc = Accelerator(
+    return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.optim.accum_steps,
-        log_with="tensorboard" if tb else None,
+        log_with="tensorboard" if is_tensorboard_available() else None,
         project_dir=cfg.run.dir,
     )
-    return acc
 
 
 def _start_trackers(acc, cfg: PretrainConfig) -> None:
