@@ -1,13 +1,27 @@
-"""maevit models: MAE, encoders, masking, patch and position utilities."""
+"""maevit models: the encoder contract, the registry, MAE, masking, patch and position utilities.
+
+Importing this package registers every encoder family (one file each).
+"""
+from .classifier import create_classifier
+from .contract import ContractError, check_encoder
 from .mae import MAEDecoder, MAEOutput, MaskedAutoencoder, masked_mse_loss
 from .masking import Mask, mask_from_noise, num_visible, random_masking
 from .patch import grid_shape, patchify, unpatchify
 from .pos_embed import sincos_2d
-from .registry import create_mae, list_models, mae_model_config
-from .vit import ViTEncoder
+from .registry import (
+    DecoderSize, ModelArgumentError, build_encoder, create_encoder, create_mae, list_models, model_info,
+    register_model,
+)
+from .weights import CheckpointError, LoadReport, export_encoder, load_encoder_weights, load_mae_weights, read_header
+
+# encoder families: importing a family file runs its registrations
+from . import vit  # noqa: E402,F401  (isort: skip)
+from .vit import ViTEncoder  # noqa: E402
 
 __all__ = [
-    "MAEDecoder", "MAEOutput", "MaskedAutoencoder", "masked_mse_loss", "Mask", "mask_from_noise",
-    "num_visible", "random_masking", "grid_shape", "patchify", "unpatchify", "sincos_2d",
-    "create_mae", "list_models", "mae_model_config", "ViTEncoder",
+    "ContractError", "check_encoder", "MAEDecoder", "MAEOutput", "MaskedAutoencoder", "masked_mse_loss", "Mask",
+    "mask_from_noise", "num_visible", "random_masking", "grid_shape", "patchify", "unpatchify", "sincos_2d",
+    "DecoderSize", "ModelArgumentError", "build_encoder", "create_encoder", "create_mae", "list_models",
+    "model_info", "register_model", "ViTEncoder", "create_classifier", "CheckpointError", "LoadReport",
+    "export_encoder", "load_encoder_weights", "load_mae_weights", "read_header",
 ]

@@ -8,10 +8,21 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .masking import random_masking
+from .masking import Mask, random_masking
 from .patch import patchify
 from .pos_embed import sincos_2d
-from .vit import init_mae_weights
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform Linear, zero bias, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class MAEOutput(NamedTuple):
@@ -23,7 +34,7 @@ class MAEOutput(NamedTuple):
             ``norm_pix_loss``), in :func:`~maevit.models.patch.patchify` order.
         mask: ``[B, L]``, 1 = masked.
         ids_restore: ``[B, L]`` inverse shuffle used for this batch.
-        latent: ``[B, prefix + K, D]`` encoder output on the visible patches.
+        latent: ``[B, prefix + K, D]`` encoder output on the visible patches (``mask.ids_keep`` order).
     """
 
     loss: torch.Tensor
@@ -104,15 +115,13 @@ class MAEDecoder(nn.Module):
 
 
 class MaskedAutoencoder(nn.Module):
-    """MAE: the encoder sees visible patches only; the decoder rebuilds all pixels.
+    """MAE: the encoder sees visible units only; the decoder rebuilds every patch.
 
     Args:
-        encoder: any encoder with ``forward_masked(x, ids_keep)``, ``grid_size``,
-            ``patch_size``, ``in_chans``, ``embed_dim`` and ``num_prefix_tokens``.
+        encoder: any encoder meeting :mod:`maevit.models.contract`.
         decoder_embed_dim, decoder_depth, decoder_num_heads: decoder size.
-        mlp_ratio: decoder MLP ratio.
         norm_pix_loss: per-patch normalised pixel targets (the published recipe).
-        mask_ratio: default fraction of patches removed.
+        mask_ratio: default fraction of mask units removed.
     """
 
     def __init__(
@@ -121,7 +130,6 @@ class MaskedAutoencoder(nn.Module):
         decoder_embed_dim: int = 512,
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
-        mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
         mask_ratio: float = 0.75,
     ) -> None:
@@ -129,17 +137,25 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = encoder
         self.decoder = MAEDecoder(
             encoder.grid_size,
-            encoder.embed_dim,
+            encoder.num_features,
             decoder_embed_dim,
             decoder_depth,
             decoder_num_heads,
-            mlp_ratio,
+            4.0,
             encoder.patch_size,
             encoder.in_chans,
             encoder.num_prefix_tokens,
         )
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
+        # "visible" (MAE) or "mask_tokens" (the encoder's SimMIM-style reference path; benchmarks only)
+        self.encoder_path = "visible"
+        self.mae_args = dict(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+                             decoder_num_heads=decoder_num_heads, norm_pix_loss=norm_pix_loss, mask_ratio=mask_ratio)
+
+    @property
+    def model_name(self) -> str:
+        return self.encoder.model_name
 
     @property
     def patch_size(self) -> int:
@@ -147,12 +163,27 @@ class MaskedAutoencoder(nn.Module):
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return self.encoder.grid_size
+        return tuple(self.encoder.grid_size)
 
     @property
     def num_patches(self) -> int:
         gh, gw = self.grid_size
         return gh * gw
+
+    def random_mask(
+        self,
+        batch_size: int,
+        *,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Mask:
+        """Draw a mask at the encoder's mask unit (``noise [B, U]`` or a ``generator`` fixes it)."""
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        s = self.encoder.mask_unit // self.encoder.patch_size
+        return random_masking(batch_size, self.grid_size, ratio, patches_per_unit=s, noise=noise,
+                              generator=generator, device=device)
 
     def forward(
         self,
@@ -166,14 +197,13 @@ class MaskedAutoencoder(nn.Module):
         Args:
             imgs: ``[B, C, H, W]``.
             mask_ratio: overrides the model's default ratio for this call.
-            noise: ``[B, L]``; the same noise gives the same mask.
+            noise: ``[B, U]`` over mask units; the same noise gives the same mask.
             generator: draws the noise when ``noise`` is not given.
         """
-        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        mask = random_masking(
-            imgs.shape[0], self.num_patches, ratio, noise=noise, generator=generator, device=imgs.device
-        )
-        latent = self.encoder.forward_masked(imgs, mask.ids_keep)  # [B, 1 + K, D]
+        mask = self.random_mask(imgs.shape[0], mask_ratio=mask_ratio, noise=noise, generator=generator,
+                                device=imgs.device)
+        encode = self.encoder.forward_masked if self.encoder_path == "visible" else self.encoder.forward_mask_tokens
+        latent = encode(imgs, mask)  # [B, prefix + K, D]
         pred = self.decoder(latent, mask.ids_restore)  # [B, L, p*p*C]
         target = patchify(imgs, self.patch_size)
         loss = masked_mse_loss(pred, target, mask.mask, self.norm_pix_loss)

@@ -1,32 +1,84 @@
-"""Registered model names: ``create_mae``, ``create_encoder``, ``list_models``."""
+"""Registered models: ``register_model`` (used at the end of each family file),
+``create_encoder``, ``create_mae``, ``list_models``, ``model_info``.
+
+A registered constructor builds an *encoder* (see :mod:`maevit.models.contract`)
+from keyword overrides; the registration adds the MAE decoder size that suits
+it and the arguments of a tiny but structurally identical version (for tests
+and smoke runs)::
+
+    @register_model(decoder=DECODER_SMALL, smoke=dict(img_size=32, depth=1))
+    def mae_vit_tiny_patch16(**kwargs) -> ViTEncoder:
+        \"\"\"ViT-Tiny/16 (DeiT-Ti width).\"\"\"
+        return build_encoder(ViTEncoder, kwargs, embed_dim=192, depth=12, num_heads=3, patch_size=16)
+
+:func:`build_encoder` checks the overrides against the encoder class's own
+signature and records the resolved arguments as ``encoder.build_args``, which
+every file the toolkit writes carries, so the exact architecture can be rebuilt
+from a file alone (``create_encoder(model_name, **build_args)``).
+"""
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import inspect
+import json
 import os
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 
 from .mae import MaskedAutoencoder
-from .vit import VIT_SIZES, ViTEncoder
 
-# Decoder sizes: MAE's published 512-wide, 8-block decoder for Base and up. For
-# Tiny / Small that decoder would cost more than the encoder, so they use a
-# 256-wide, 4-block one (a 1-block decoder still works well, per the paper).
-_MAE_MODELS: dict[str, dict[str, Any]] = {
-    "mae_vit_tiny_patch16": dict(size="tiny", patch_size=16, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    "mae_vit_small_patch16": dict(size="small", patch_size=16, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    "mae_vit_base_patch16": dict(size="base", patch_size=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "mae_vit_large_patch16": dict(size="large", patch_size=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "mae_vit_huge_patch14": dict(size="huge", patch_size=14, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-}
 
-# Names the published MAE constructor uses, plus mask_ratio. Anything else is an error.
-MAE_OVERRIDES = (
-    "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-    "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss", "mask_ratio",
-)
-_ENCODER_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+@dataclass(frozen=True)
+class DecoderSize:
+    """Width, depth and heads of the shared MAE decoder."""
+
+    embed_dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+
+
+# MAE's published decoder (Base and up); Tiny / Small use a 256-wide, 4-block one so the
+# decoder does not cost more than the encoder (a 1-block decoder still works, per the paper)
+DECODER_BASE = DecoderSize(512, 8, 16)
+DECODER_SMALL = DecoderSize(256, 4, 8)
+
+# arguments of create_mae that are not encoder arguments
+MAE_ARGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss", "mask_ratio")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model.
+
+    Attributes:
+        name: the registered name.
+        fn: the constructor (overrides -> encoder).
+        family: the family module (``vit``, ``deit``, ...).
+        decoder: the MAE decoder size that suits it.
+        smoke: arguments of a tiny, structurally identical version (tests, smoke runs).
+        doc: the first line of the constructor's docstring.
+    """
+
+    name: str
+    fn: Callable[..., nn.Module]
+    family: str
+    decoder: DecoderSize
+    smoke: dict[str, Any] = field(default_factory=dict)
+    doc: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+class ModelArgumentError(KeyError):
+    """An unknown model name or constructor argument; the message names close matches."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
 
 
 def _suggest(name: str, choices) -> str:
@@ -34,64 +86,149 @@ def _suggest(name: str, choices) -> str:
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-def list_models(pattern: str = "") -> list[str]:
-    """Registered MAE model names containing ``pattern``."""
-    return sorted(n for n in _MAE_MODELS if pattern in n)
+def register_model(*, decoder: DecoderSize = DECODER_BASE, smoke: Mapping[str, Any] | None = None):
+    """Decorator registering an encoder constructor under its function name.
+
+    Args:
+        decoder: the MAE decoder size for this model.
+        smoke: arguments that make a tiny version with the same structure.
+    """
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = fn.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        family = fn.__module__.rsplit(".", 1)[-1]
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _REGISTRY[name] = ModelEntry(name, fn, family, decoder, dict(smoke or {}), doc)
+        return fn
+
+    return wrap
 
 
-def mae_model_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """The full constructor arguments of a registered model after overrides.
+def accepted_args(cls: type) -> list[str]:
+    """Keyword arguments a class's constructor accepts, following ``**kwargs`` up the MRO."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(n for n in names if n not in ("device", "dtype")))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    json.dumps(value)  # raises for anything a file header cannot hold
+    return value
+
+
+def build_encoder(cls: type, overrides: Mapping[str, Any], /, **defaults: Any) -> nn.Module:
+    """Instantiate ``cls(**defaults | overrides)`` and record the arguments as ``build_args``.
 
     Raises:
-        KeyError: unknown model name or unknown override, with close matches.
+        ModelArgumentError: an override the constructor does not accept (close matches named).
     """
-    if name not in _MAE_MODELS:
-        raise KeyError(f"unknown model {name!r}.{_suggest(name, _MAE_MODELS)} Registered: {', '.join(list_models())}")
+    valid = accepted_args(cls)
     for key in overrides:
-        if key not in MAE_OVERRIDES:
-            raise KeyError(
-                f"unknown argument {key!r} for {name}.{_suggest(key, MAE_OVERRIDES)} "
-                f"Valid: {', '.join(MAE_OVERRIDES)}"
+        if key not in valid:
+            raise ModelArgumentError(
+                f"unknown argument {key!r} for {cls.__name__}.{_suggest(key, valid + list(MAE_ARGS))} "
+                f"Valid: {', '.join(valid)}"
             )
-    spec = dict(_MAE_MODELS[name])
-    cfg: dict[str, Any] = dict(
-        img_size=224, in_chans=3, mlp_ratio=4.0, norm_pix_loss=True, mask_ratio=0.75,
-        **VIT_SIZES[spec.pop("size")], **spec,
-    )
-    cfg.update(overrides)
-    return cfg
+    args = {**defaults, **overrides}
+    encoder = cls(**args)
+    encoder.build_args = _jsonable(args)
+    return encoder
 
 
-def create_mae(
-    name: str,
-    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
-    **overrides: Any,
-) -> MaskedAutoencoder:
-    """Build a registered MAE model, optionally loading weights.
+def model_info(name: str) -> ModelEntry:
+    """The registry entry of ``name``.
+
+    Raises:
+        ModelArgumentError: unknown name, with close matches.
+    """
+    if name not in _REGISTRY:
+        raise ModelArgumentError(
+            f"unknown model {name!r}.{_suggest(name, _REGISTRY)} See `maevit models` for the registered names."
+        )
+    return _REGISTRY[name]
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Registered names containing ``pattern`` (or matching it, when it has ``*`` / ``?``)."""
+    if any(c in pattern for c in "*?["):
+        return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n in _REGISTRY if pattern in n)
+
+
+def create_encoder(name: str, **overrides: Any) -> nn.Module:
+    """Build the encoder of a registered model.
 
     Args:
         name: one of :func:`list_models`.
-        checkpoint: a path or state dict in any supported layout (maevit, the
-            published MAE files, Hugging Face ``ViTMAEForPreTraining``).
-        **overrides: published-MAE constructor arguments (see ``MAE_OVERRIDES``).
+        **overrides: constructor arguments of the family (``img_size``, ``patch_size``,
+            ``depth``, ``pos_encoding``, ...); unknown ones are errors naming close matches.
+    """
+    entry = model_info(name)
+    encoder = entry.fn(**overrides)
+    encoder.model_name = name
+    return encoder
+
+
+def create_mae(
+    name: str | None = None,
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    **overrides: Any,
+) -> MaskedAutoencoder:
+    """Build a registered MAE model (encoder + shared decoder), optionally loading weights.
+
+    Args:
+        name: one of :func:`list_models`; None takes the name (and build
+            arguments) recorded in ``checkpoint``'s header.
+        checkpoint: a path or state dict in any supported layout (maevit runs and
+            files, the published MAE files, Hugging Face ``ViTMAEForPreTraining``, timm).
+        **overrides: encoder arguments, plus ``decoder_embed_dim``, ``decoder_depth``,
+            ``decoder_num_heads``, ``norm_pix_loss`` and ``mask_ratio``.
 
     Example:
         >>> mae = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=4)
     """
-    cfg = mae_model_config(name, **overrides)
-    encoder = ViTEncoder(**{k: cfg[k] for k in _ENCODER_KEYS})
+    from . import weights
+
+    header = weights.read_header(checkpoint) if checkpoint is not None and not isinstance(checkpoint, Mapping) else {}
+    if name is None:
+        name = header.get("model_name")
+        if not name:
+            raise ModelArgumentError(
+                f"{checkpoint} does not say which model it holds: pass the model name (see `maevit models`)"
+            )
+    entry = model_info(name)
+    args: dict[str, Any] = {}
+    if header.get("model_name") == name:  # the file's own architecture, then the caller's changes
+        args.update(header.get("build_args") or {})
+        args.update({k: v for k, v in (header.get("mae") or {}).items() if k in MAE_ARGS})
+    args.update(overrides)
+    mae_args = {k: args.pop(k) for k in MAE_ARGS if k in args}
+    try:
+        encoder = create_encoder(name, **args)
+    except ModelArgumentError as e:
+        raise ModelArgumentError(f"{e} (create_mae also takes {', '.join(MAE_ARGS)})") from None
+    d = entry.decoder
     model = MaskedAutoencoder(
         encoder,
-        decoder_embed_dim=cfg["decoder_embed_dim"],
-        decoder_depth=cfg["decoder_depth"],
-        decoder_num_heads=cfg["decoder_num_heads"],
-        mlp_ratio=cfg["mlp_ratio"],
-        norm_pix_loss=cfg["norm_pix_loss"],
-        mask_ratio=cfg["mask_ratio"],
+        decoder_embed_dim=mae_args.get("decoder_embed_dim", d.embed_dim),
+        decoder_depth=mae_args.get("decoder_depth", d.depth),
+        decoder_num_heads=mae_args.get("decoder_num_heads", d.num_heads),
+        norm_pix_loss=mae_args.get("norm_pix_loss", True),
+        mask_ratio=mae_args.get("mask_ratio", 0.75),
     )
-    model.model_name = name
     if checkpoint is not None:
-        from maevit.train.checkpoint import load_mae_weights
-
-        load_mae_weights(model, checkpoint)
+        weights.load_mae_weights(model, checkpoint)
     return model

@@ -45,15 +45,26 @@ def scaled_lr(base_lr: float, effective_batch: int, reference_batch: int = 256) 
     return base_lr * effective_batch / reference_batch
 
 
+def no_weight_decay_names(model: nn.Module, extra: Iterable[str] = NO_WEIGHT_DECAY) -> tuple[str, ...]:
+    """Names / patterns without weight decay: the model's own ``no_weight_decay()`` (the encoder
+    contract; an MAE's encoder names are prefixed ``encoder.``) plus ``extra`` patterns."""
+    names = set(extra)
+    for prefix, module in (("", model), ("encoder.", getattr(model, "encoder", None))):
+        if module is not None and hasattr(module, "no_weight_decay"):
+            names |= {prefix + n for n in module.no_weight_decay()}
+    return tuple(sorted(names))
+
+
 def param_groups(
     model: nn.Module, weight_decay: float, no_weight_decay: Iterable[str] = NO_WEIGHT_DECAY
 ) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and biases / norms / position tables / tokens.
 
     Frozen parameters (``requires_grad=False``, e.g. MAE's fixed sin-cos tables)
-    are left out. ``no_weight_decay`` holds fnmatch patterns on parameter names.
+    are left out. ``no_weight_decay`` holds fnmatch patterns on parameter names,
+    added to the model's own ``no_weight_decay()``.
     """
-    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=tuple(no_weight_decay))
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model, no_weight_decay))
 
 
 def fused_supported(device: torch.device) -> bool:
@@ -110,5 +121,6 @@ def param_groups_layer_decay(
     from timm.optim import param_groups_layer_decay as _timm_layer_decay
 
     return _timm_layer_decay(
-        model, weight_decay=weight_decay, no_weight_decay_list=tuple(no_weight_decay), layer_decay=layer_decay
+        model, weight_decay=weight_decay, no_weight_decay_list=no_weight_decay_names(model, no_weight_decay),
+        layer_decay=layer_decay,
     )

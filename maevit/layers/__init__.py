@@ -1,0 +1,4 @@
+"""Building blocks shared by encoder families (one concept per file)."""
+from .masked_norm import MaskedBatchNorm2d, MaskedGroupNorm, masked_batch_norm, masked_group_norm
+
+__all__ = ["MaskedBatchNorm2d", "MaskedGroupNorm", "masked_batch_norm", "masked_group_norm"]
