@@ -70,7 +70,8 @@ def main() -> None:
 
     from maevit.config import load_config
     from maevit.train import pretrain as pt
-    from maevit.train.finetune import FinetuneConfig, ProbeConfig, finetune, probe
+    from maevit.train.finetune import FinetuneConfig, finetune
+    from maevit.train.probe import ProbeConfig, probe
 
     data, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 
 from maevit import create_mae
-from maevit.train.checkpoint import hf_vitmae_config, to_hf_vitmae_keys
+from maevit.models.hf_vitmae import hf_vitmae_config, to_hf_vitmae_keys
 
 
 def hf_twin(model: torch.nn.Module, attn: str = "sdpa") -> torch.nn.Module:

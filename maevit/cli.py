@@ -9,21 +9,30 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("maevit.train.pretrain:main", "MAE pretraining from a recipe (Accelerate)"),
     "finetune": ("maevit.train.finetune:main_finetune", "fine-tune a pretrained encoder for classification"),
-    "probe": ("maevit.train.finetune:main_probe", "linear probe on a frozen encoder"),
-    "eval": ("maevit.train.finetune:main_eval", "evaluate a classifier: top-1/5, per class, confusion matrix"),
+    "probe": ("maevit.train.probe:main_probe", "linear probe on a frozen encoder"),
+    "eval": ("maevit.train.evaluate:main_eval", "evaluate a classifier: top-1/5, per class, confusion matrix"),
     "visualize": ("maevit.viz:main", "reconstruction grids from an MAE checkpoint"),
     "shards": ("maevit.data.shards:main", "write / inspect / check webdataset shards"),
-    "export": ("maevit.train.checkpoint:main_export", "export encoder weights as timm-loadable safetensors"),
+    "export": ("maevit.export:main", "export encoder weights with their architecture (timm-loadable where timm can)"),
     "demo": ("maevit.demo:main", "pretrain + fine-tune the tiny model on the bundled data"),
     "models": ("maevit.cli:main_models", "list registered models"),
 }
 
 
 def main_models(argv: list[str]) -> int:
-    from maevit.models import list_models
+    """``maevit models [PATTERN]``: registered models, their family, decoder and description."""
+    import argparse
 
-    for name in list_models(argv[0] if argv else ""):
-        print(name)
+    p = argparse.ArgumentParser(prog="maevit models", description=main_models.__doc__)
+    p.add_argument("pattern", nargs="?", default="", help="substring or glob, e.g. 'swin' or 'mae_vit_*_patch16'")
+    a = p.parse_args(argv)
+    from maevit.models import list_models, model_info
+
+    names = list_models(a.pattern)
+    width = max(map(len, names), default=0)
+    for name in names:
+        e = model_info(name)
+        print(f"{name:<{width}}  {e.family:<6}  decoder {e.decoder.embed_dim}x{e.decoder.depth}  {e.doc}")
     return 0
 
 

@@ -28,6 +28,7 @@ def reconstruction_panels(
     imgs: torch.Tensor,
     *,
     noise: torch.Tensor | None = None,
+    seed: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
@@ -36,13 +37,15 @@ def reconstruction_panels(
     Args:
         model: a ``MaskedAutoencoder`` (or anything with its forward / attributes).
         imgs: normalised images ``[B, C, H, W]``.
-        noise: ``[B, L]`` masking noise (fixed noise gives a fixed mask).
+        noise: ``[B, U]`` masking noise over mask units (fixed noise gives a fixed mask).
+        seed: draw the mask from a generator with this seed (the same seed, the same mask).
         mean, std: the normalisation of ``imgs``, undone for display.
 
     Returns:
         ``[B, 4, C, H, W]``: original, masked, reconstruction, reconstruction + visible.
     """
-    out = model(imgs, noise=noise)
+    generator = None if seed is None else torch.Generator(imgs.device).manual_seed(seed)
+    out = model(imgs, noise=noise, generator=generator)
     p, c = model.patch_size, imgs.shape[1]
     pred = out.pred.float()  # [B, L, p*p*C]
     if model.norm_pix_loss:
@@ -66,11 +69,12 @@ def save_reconstruction_grid(
     path: str | Path,
     *,
     noise: torch.Tensor | None = None,
+    seed: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Path:
     """Write the reconstruction grid PNG of ``imgs`` (one row per image, 4 columns)."""
-    panels = reconstruction_panels(model, imgs, noise=noise, mean=mean, std=std)  # [B, 4, C, H, W]
+    panels = reconstruction_panels(model, imgs, noise=noise, seed=seed, mean=mean, std=std)  # [B, 4, C, H, W]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(panels.flatten(0, 1).cpu(), nrow=4, padding=2, pad_value=1.0)
@@ -78,63 +82,60 @@ def save_reconstruction_grid(
     return path
 
 
-def _resolve(checkpoint: str) -> tuple[Path, Path | None]:
-    """(weights file or checkpoint dir, the run directory holding config.yaml if any)."""
-    from maevit.train.runs import RunDir, is_complete_checkpoint
-
-    path = Path(checkpoint)
-    if (path / "checkpoints").is_dir():  # a run directory: its latest checkpoint
-        ckpt = RunDir(path).latest_checkpoint()
-        if ckpt is None:
-            raise FileNotFoundError(f"run directory {path} has no complete checkpoint yet")
-        return ckpt / "model.safetensors", path
-    if is_complete_checkpoint(path):
-        return path / "model.safetensors", path.parent.parent
-    return path, None
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``maevit visualize CHECKPOINT --data SRC --out grid.png``."""
+    """``maevit visualize CHECKPOINT [--data SRC] [--out grid.png]``."""
     parser = argparse.ArgumentParser(prog="maevit visualize", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a run directory, a checkpoints/step-* directory, or an MAE weights file")
+    parser.add_argument("checkpoint", help="a pretraining run directory, a checkpoints/step-* directory, or MAE weights")
     parser.add_argument("--data", help="images to show (shards, folder, 'bundled'); default: the run's data.train")
     parser.add_argument("--out", default="reconstruction.png", help="output PNG")
-    parser.add_argument("--model", help="model name (needed for a bare weights file; default: the run's)")
-    parser.add_argument("--img-size", type=int, help="default: the run's model.img_size, else 224")
-    parser.add_argument("--patch-size", type=int, help="default: the run's / the model's")
+    parser.add_argument("--model", help="model name, for weights files that do not name theirs (see `maevit models`)")
+    parser.add_argument("--img-size", type=int, help="default: the file's")
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--mask-ratio", type=float, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0, help="picks the images and the masks")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from maevit.config import load_config
     from maevit.data.stream import pretrain_loader
-    from maevit.models import create_mae
-    from maevit.train.pretrain import PretrainConfig
+    from maevit.models import create_mae, read_header
+    from maevit.train.common import setup_logging, usage_errors
 
-    weights, run_dir = _resolve(args.checkpoint)
-    cfg = load_config(PretrainConfig, run_dir / "config.yaml") if run_dir else PretrainConfig()
-    overrides = cfg.model.overrides() if run_dir else {}
-    name = args.model or (cfg.model.name if run_dir else None)
-    if name is None:
-        print("maevit visualize: a bare weights file needs --model NAME (see `maevit models`)", file=sys.stderr)
+    setup_logging()
+    try:
+        header = read_header(args.checkpoint)
+        if header.get("kind") == "classifier":
+            raise ValueError(f"{args.checkpoint} holds a fine-tuned classifier, which has no decoder to reconstruct "
+                             "with: pass a pretraining run directory or an MAE checkpoint")
+        overrides = {k: v for k, v in (("img_size", args.img_size), ("mask_ratio", args.mask_ratio)) if v is not None}
+        model = create_mae(args.model, checkpoint=args.checkpoint, **overrides).eval()
+        data, mean, std = _run_data(args.checkpoint, header)
+        data = args.data or data
+        if not data:
+            raise ValueError("pass --data SRC (shards, an image folder, or 'bundled'): the checkpoint does not say "
+                             "which data it was trained on")
+        loader = pretrain_loader(data, img_size=model.encoder.img_size[0], batch_size=args.num_images, num_workers=0,
+                                 seed=args.seed, scale=(1.0, 1.0), shuffle_buffer=args.num_images, mean=mean, std=std)
+        imgs = next(iter(loader))
+    except (*usage_errors(), ValueError) as e:
+        print(f"maevit visualize: error: {e}", file=sys.stderr)
         return 2
-    for key, value in (("img_size", args.img_size), ("patch_size", args.patch_size), ("mask_ratio", args.mask_ratio)):
-        if value is not None:
-            overrides[key] = value
-    data = args.data or (cfg.data.train if run_dir else None)
-    if not data:
-        print("maevit visualize: pass --data SRC (shards, an image folder, or 'bundled')", file=sys.stderr)
-        return 2
-    model = create_mae(name, checkpoint=weights, **overrides).eval()
-    img_size = overrides.get("img_size", 224)
-    loader = pretrain_loader(data, img_size=img_size, batch_size=args.num_images, num_workers=0, seed=args.seed,
-                             scale=(1.0, 1.0), shuffle_buffer=args.num_images, mean=cfg.data.mean, std=cfg.data.std)
-    imgs = next(iter(loader))
-    noise = torch.rand(len(imgs), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    path = save_reconstruction_grid(model, imgs, args.out, noise=noise, mean=cfg.data.mean, std=cfg.data.std)
+    path = save_reconstruction_grid(model, imgs, args.out, seed=args.seed, mean=mean, std=std)
     print(f"wrote {path} ({len(imgs)} rows: original | masked | reconstruction | reconstruction + visible)")
     return 0
+
+
+def _run_data(checkpoint: str, header: dict) -> tuple[str | None, Sequence[float], Sequence[float]]:
+    """(data.train, mean, std) of the pretraining run a checkpoint belongs to, where it says."""
+    import yaml
+
+    from maevit.models.weights import find_weights_file
+
+    path = find_weights_file(checkpoint)
+    for run_dir in (path.parent, path.parent.parent, path.parent.parent.parent):
+        cfg_file = run_dir / "config.yaml"
+        if cfg_file.is_file():
+            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
+            return data.get("train"), data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
+    return None, header.get("mean", IMAGENET_MEAN), header.get("std", IMAGENET_STD)
 
 
 if __name__ == "__main__":

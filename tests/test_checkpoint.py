@@ -8,19 +8,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maevit import create_mae
-from maevit.train.checkpoint import (
+from maevit.export import main as main_export
+from maevit.fileio import atomic_write
+from maevit.models.hf_vitmae import hf_to_maevit, to_hf_vitmae_keys
+from maevit.models.weights import (
     CheckpointError,
-    atomic_write,
     detect_format,
     export_encoder,
     find_weights_file,
     load_mae_weights,
-    main_export,
-    read_metadata,
+    read_header,
     read_state_dict,
-    to_hf_vitmae_keys,
-    to_maevit_mae_keys,
-    to_timm_encoder_keys,
+    split_mae,
 )
 
 SMALL = dict(img_size=32, patch_size=8, depth=2, decoder_depth=1)
@@ -84,10 +83,10 @@ def _assert_same_state(a, b):
 def test_export_loads_into_timm_strictly_with_same_features(tmp_path):
     model = create_mae("mae_vit_tiny_patch16")  # registered size at 224 px: the exact timm name
     path = export_encoder(model, tmp_path / "enc.safetensors")
-    meta = read_metadata(path)
+    meta = read_header(path)
     assert meta["timm_model"] == "vit_tiny_patch16_224" and meta["model_name"] == "mae_vit_tiny_patch16"
-    assert (meta["img_size"], meta["patch_size"], meta["format_version"]) == ("[224, 224]", "16", "1")
-    vit = timm.create_model(meta["timm_model"], num_classes=0, pretrained=False)
+    assert (meta["build_args"]["img_size"], meta["build_args"]["patch_size"]) == (224, 16)
+    vit = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
     vit.load_state_dict(load_file(path), strict=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -99,14 +98,15 @@ def test_export_read_back_loads_encoder_only(tmp_path):
     src = _perturbed()
     export_encoder(src, tmp_path / "enc.safetensors")
     sd = read_state_dict(tmp_path / "enc.safetensors")
-    assert detect_format(sd) == "timm_vit"
+    assert detect_format(sd) == "encoder"
     assert torch.equal(sd["blocks.1.attn.qkv.bias"], src.encoder.blocks[1].attn.qkv.bias)
     dst = _model()
     decoder_before = {k: v.clone() for k, v in dst.decoder.state_dict().items()}
     with pytest.warns(UserWarning, match="encoder-only"):
         report = load_mae_weights(dst, tmp_path / "enc.safetensors")
-    assert report.encoder_only and report.source_format == "timm_vit" and not report.unexpected
-    assert all(k.startswith("decoder.") for k in report.missing) and "decoder.blocks.*" in str(report)
+    assert report.format == "encoder" and not report.unexpected and not report.missing
+    assert report.new and all(k.startswith("decoder.") for k in report.new)
+    assert "initialised fresh: decoder.blocks.0" in str(report)
     _assert_same_state(dst.encoder, src.encoder)
     assert all(torch.equal(v, decoder_before[k]) for k, v in dst.decoder.state_dict().items())
 
@@ -136,10 +136,10 @@ def test_published_encoder_only_file(tmp_path):
     # only a fully missing decoder is tolerated by strict loading, not a missing encoder tensor
     del enc["norm.weight"]
     _save_published(path, enc)
-    with pytest.raises(CheckpointError, match="encoder.norm.weight"):
+    with pytest.raises(CheckpointError, match="lacks 1 weights the model needs: norm.weight"):
         load_mae_weights(_model(), path)
     with pytest.warns(UserWarning, match="encoder-only"):
-        assert load_mae_weights(_model(), path, strict=False).missing[0] == "encoder.norm.weight"
+        assert load_mae_weights(_model(), path, strict=False).missing == ["norm.weight"]
 
 
 def test_hf_vitmae_to_maevit_and_back(tmp_path):
@@ -168,14 +168,14 @@ def test_hf_vitmae_to_maevit_and_back(tmp_path):
     hub = to_hf_vitmae_keys(model.state_dict(), layout="hub")
     assert "vit.encoder.layer.1.attention.attention.query.weight" in hub
     assert "decoder.decoder_layers.0.intermediate.dense.bias" in hub
-    assert to_maevit_mae_keys(hub).keys() == model.state_dict().keys()
+    assert hf_to_maevit(hub).keys() == model.state_dict().keys()
     # what transformers 5's save_pretrained writes (decoder layers as decoder.decoder_encoder.layer.N)
     hf.save_pretrained(tmp_path / "hf")
     from_dir = create_mae("mae_vit_tiny_patch16", checkpoint=tmp_path / "hf", **SMALL)
     _assert_same_state(from_dir, model)
     # ViTMAEModel (no 'vit.' prefix) is encoder-only
     enc = {k[len("vit."):]: v for k, v in hf_sd.items() if k.startswith("vit.")}
-    assert torch.equal(to_timm_encoder_keys(enc)["blocks.0.mlp.fc1.bias"], hf.vit.layers[0].mlp.fc1.bias)
+    assert torch.equal(split_mae(enc)[0]["blocks.0.mlp.fc1.bias"], hf.vit.layers[0].mlp.fc1.bias)
 
 
 @pytest.mark.parametrize("suffix,payload", [
@@ -224,17 +224,23 @@ def test_arbitrary_pickles_are_refused_not_executed(tmp_path, make):
 
 
 def test_unknown_layout_and_non_tensor_entries():
-    with pytest.raises(CheckpointError, match=r"unrecognised checkpoint layout.*'foo.weight'.*Supported"):
-        detect_format({"foo.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"lacks .* weights the model needs: .*patch_embed.proj.weight"):
+        load_mae_weights(_model(), {"foo.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"'epoch' \(int\)"):
         read_state_dict({"epoch": 3, "optimizer": {}})
 
 
 def test_shape_mismatch_names_key_shapes_and_fix():
     sd = _model().state_dict()
-    with pytest.raises(CheckpointError, match=r"encoder.pos_embed: checkpoint \(1, 17, 192\), model \(1, 37, 192\).*img_size"):
-        create_mae("mae_vit_tiny_patch16", checkpoint=sd, **{**SMALL, "img_size": 48})
-    with pytest.raises(CheckpointError, match="2 encoder blocks, the model 1"):
+    # another resolution: the encoder's table is resampled, the decoder's fixed one rebuilt
+    bigger = create_mae("mae_vit_tiny_patch16", **{**SMALL, "img_size": 48})
+    report = load_mae_weights(bigger, sd)
+    assert report.resized == {"pos_embed": "(1, 17, 192) -> (1, 37, 192)",
+                              "decoder.pos_embed": "(1, 17, 256) -> (1, 37, 256)"}
+    with pytest.raises(CheckpointError, match=r"patch_embed.proj.weight: checkpoint shape \(192, 3, 8, 8\).*"
+                                              r"\(192, 3, 4, 4\).*patch_size"):
+        load_mae_weights(_model(patch_size=4), sd)
+    with pytest.raises(CheckpointError, match="The checkpoint has 2 blocks, the model 1"):
         load_mae_weights(_model(depth=1), sd)
 
 
@@ -243,7 +249,7 @@ def test_wrappers_and_prefixes_are_removed():
     wrapped = {"state_dict": {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}, "epoch": 1}
     dst = _model()
     report = load_mae_weights(dst, wrapped)
-    assert report.loaded == len(src.state_dict()) and not report.missing
+    assert len(report.loaded) == len(src.state_dict()) and not report.missing
     _assert_same_state(dst, src)
 
 
@@ -277,13 +283,18 @@ def test_cli_export_from_published_file(tmp_path, capsys):
     pth = tmp_path / "checkpoint.pth"
     _save_published(pth, _published_layout(src.state_dict()))
     out = tmp_path / "enc.safetensors"
-    assert main_export([str(pth), str(out), "--model", "mae_vit_tiny_patch16"]) == 0
-    meta = read_metadata(out)
-    assert meta["model_name"] == "mae_vit_tiny_patch16" and meta["img_size"] == "[32, 32]"
+    geometry = ["img_size=32", "patch_size=8", "depth=2"]
+    assert main_export([str(pth), str(out), "--model", "mae_vit_tiny_patch16", *geometry]) == 0
+    meta = read_header(out)
+    assert meta["model_name"] == "mae_vit_tiny_patch16" and meta["build_args"]["img_size"] == 32
+    assert "timm.create_model('vit_tiny_patch16_224'" in capsys.readouterr().out
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False, img_size=32, patch_size=8, depth=2)
     vit.load_state_dict(load_file(out), strict=True)
-    assert main_export([str(pth), str(tmp_path / "b.safetensors"), "--model", "mae_vit_base_patch16"]) == 2
-    assert "width 192 but mae_vit_base_patch16 is 768" in capsys.readouterr().out
+    # the export reads its own architecture back: no --model, no geometry
+    assert main_export([str(out), str(tmp_path / "again.safetensors")]) == 0
+    assert main_export([str(pth), str(tmp_path / "b.safetensors"), "--model", "mae_vit_base_patch16", *geometry]) == 2
+    err = capsys.readouterr().err
+    assert "width 192" in err and "width 768" in err and "Traceback" not in err
     assert not (tmp_path / "b.safetensors").exists()
 
 

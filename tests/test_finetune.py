@@ -14,9 +14,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from maevit.models import create_mae
-from maevit.models.classifier import create_classifier, load_classifier_weights, timm_name_for
-from maevit.train.checkpoint import export_encoder, to_hf_vitmae_keys
+from maevit.models import CheckpointError, create_classifier, create_mae, export_encoder, read_header
+from maevit.models.hf_vitmae import to_hf_vitmae_keys
 from maevit.train.knn import extract_features, knn_accuracy, knn_classify
 from maevit.train.optim import param_groups_layer_decay, set_lr
 
@@ -50,8 +49,8 @@ def _published_layout(mae) -> dict:
 
 
 def _classifier(src, pool="token", **kw):
-    return create_classifier("mae_vit_tiny_patch16", 10, pretrained=src, global_pool=pool,
-                             img_size=kw.pop("img_size", 32), depth=2, **kw).eval()
+    # foreign files do not say their geometry: it is passed (for maevit files it repeats the header's)
+    return create_classifier("mae_vit_tiny_patch16", 10, pretrained=src, global_pool=pool, **{**TINY, **kw}).eval()
 
 
 @pytest.mark.parametrize("fmt", ["maevit_encoder", "maevit_mae", "published_pth", "hf_vitmae", "timm"])
@@ -110,26 +109,24 @@ def test_resolution_change_resamples_position_table(mae, tmp_path):
     assert clf.pos_embed.shape == (1, 1 + 144, 192)
     expected = timm.layers.resample_abs_pos_embed(mae.encoder.pos_embed.detach(), [12, 12], [8, 8], num_prefix_tokens=1)
     torch.testing.assert_close(clf.pos_embed.detach(), expected)
-    assert clf.load_report.resized["pos_embed"] == "8x8 -> 12x12 patches"
+    assert clf.load_report.resized["pos_embed"] == "(1, 65, 192) -> (1, 145, 192)"
     assert clf(torch.randn(1, 3, 48, 48)).shape == (1, 10)
 
 
-def test_missing_weights_are_an_error_unless_allowed(mae):
+def test_missing_weights_are_an_error_unless_not_strict(mae):
     sd = {k: v for k, v in mae.encoder.state_dict().items() if not k.startswith("blocks.1.")}
-    with pytest.raises(ValueError, match=r"blocks\.1\..*allow_missing"):
+    with pytest.raises(CheckpointError, match=r"lacks .*blocks\.1\..*The checkpoint has 1 blocks, the model 2"):
         _classifier(sd)
-    clf = _classifier(sd, allow_missing=("blocks.1.",))
+    clf = _classifier(sd, strict=False)
     assert any(k.startswith("blocks.1.") for k in clf.load_report.missing)
-    with pytest.raises(ValueError, match="patch_size=4"):  # wrong patch size names the fix
-        create_classifier("mae_vit_tiny_patch16", 10, pretrained=mae.encoder.state_dict(), patch_size=8,
-                          img_size=32, depth=2)
+    with pytest.raises(CheckpointError, match="4x4 patches .* 8x8 .*patch_size"):  # wrong patch size names the fix
+        _classifier(mae.encoder.state_dict(), patch_size=8)
 
 
-def test_names_resolve():
-    assert timm_name_for("mae_vit_huge_patch14") == "vit_huge_patch14_224"
-    assert timm_name_for("deit_small_patch16_224") == "deit_small_patch16_224"
-    with pytest.raises(KeyError, match="vit_base_patch16_224"):
-        timm_name_for("vit_bsae_patch16_224")
+def test_a_file_rebuilds_its_own_architecture(mae, tmp_path):
+    src = export_encoder(mae, tmp_path / "encoder.safetensors")
+    clf = create_classifier(None, 10, pretrained=src)  # no name, no geometry: the header says them
+    assert clf.patch_size == 4 and len(clf.blocks) == 2 and clf.img_size == (32, 32)
 
 
 def test_layer_decay_groups_follow_published_rule():
@@ -194,7 +191,7 @@ def test_knn_classify_weighted_votes():
 
 
 def test_knn_and_linear_probe_perfect_on_separable_toy_set():
-    from maevit.train.finetune import LinearProbe, train_linear_head
+    from maevit.train.probe import LinearProbe, train_linear_head
 
     torch.manual_seed(0)
     enc = create_classifier("mae_vit_tiny_patch16", 0, img_size=32, patch_size=8, depth=1, global_pool="token")
@@ -231,7 +228,7 @@ def test_evaluation_metrics_and_png(tmp_path):
 def _ft_overrides(run_dir, **extra) -> list[str]:
     base = {
         "model.name": "mae_vit_tiny_patch16", "model.img_size": 32, "model.patch_size": 8,
-        "model.timm_kwargs": "{depth: 1, embed_dim: 64, num_heads: 2}", "model.drop_path": 0.1,
+        "model.args": "{depth: 1, embed_dim: 64, num_heads: 2}", "model.drop_path": 0.1,
         "data.train": "bundled:train", "data.val": "null", "data.batch_size": 8, "data.num_workers": 0,
         "data.label_fraction": 0.05, "optim.epochs": 2, "optim.warmup_epochs": 1, "optim.base_lr": 1e-3,
         "optim.layer_decay": 0.75, "optim.accum_steps": 2, "run.dir": str(run_dir), "run.log_every": 1,
@@ -251,7 +248,7 @@ def test_finetune_resume_is_exact(tmp_path):
 
     # 100 samples / batch 8 = 12 batches = 6 steps per epoch (accum 2): 12 steps in 2 epochs
     full = finetune(load_config(FinetuneConfig, None, _ft_overrides(tmp_path / "a", **{"run.ema": 0.9})))
-    assert full["step"] == 12 and len(full["losses"]) == 12
+    assert full["step"] == 12 and len(full["losses"]) == 12  # run.log_every=1: one mean loss per step
     part1 = finetune(load_config(FinetuneConfig, None, _ft_overrides(tmp_path / "b", **{"run.ema": 0.9, "optim.max_steps": 4})))
     assert part1["step"] == 4
     part2 = finetune(load_config(FinetuneConfig, None, _ft_overrides(tmp_path / "b", **{"run.ema": 0.9})))
@@ -267,18 +264,22 @@ def test_finetune_resume_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_end_to_end_exports_timm_loadable_classifier(tmp_path, capsys):
-    from maevit.train.finetune import main_eval, main_finetune, main_probe, read_classifier_meta
+    from maevit.train.evaluate import main_eval
+    from maevit.train.finetune import main_finetune
+    from maevit.train.probe import main_probe
 
     small = dict(img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2)
     enc = export_encoder(create_mae("mae_vit_tiny_patch16", decoder_depth=1, **small), tmp_path / "encoder.safetensors")
     run = tmp_path / "ft"
-    args = _ft_overrides(run, **{"model.pretrained": enc, "model.patch_size": "null", "optim.epochs": 1,
-                                 "data.val": "bundled:val"})
+    # no architecture in the command: the encoder file says it
+    args = _ft_overrides(run, **{"model.pretrained": enc, "model.name": "null", "model.patch_size": "null",
+                                 "model.args": "{}", "optim.epochs": 1, "data.val": "bundled:val"})
     assert main_finetune([a for a in args if not a.startswith("data.label_fraction")] + ["--label-fraction", "0.05"]) == 0
-    meta = read_classifier_meta(run / "classifier.safetensors")
-    assert meta["num_classes"] == 10 and meta["patch_size"] == 8 and len(meta["class_names"]) == 10
-    clf = timm.create_model(meta["arch"], pretrained=False, num_classes=10, global_pool="avg", **small)
+    meta = read_header(run / "classifier.safetensors")
+    assert meta["num_classes"] == 10 and meta["build_args"]["patch_size"] == 8 and len(meta["class_names"]) == 10
+    clf = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
     clf.load_state_dict(load_file(run / "classifier.safetensors"), strict=True)
+    assert "timm.create_model('vit_tiny_patch16_224'" in capsys.readouterr().out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_top1" in r for r in rows) and all(r["loss"] > 0 for r in rows if "loss" in r)
 
@@ -289,8 +290,7 @@ def test_finetune_end_to_end_exports_timm_loadable_classifier(tmp_path, capsys):
     assert "per-class accuracy" in capsys.readouterr().out
 
     probe_dir = tmp_path / "probe"
-    assert main_probe(["model.name=mae_vit_tiny_patch16", f"model.pretrained={enc}", "model.img_size=32",
-                       "model.timm_kwargs={depth: 1, embed_dim: 64, num_heads: 2}", "data.train=bundled:train",
+    assert main_probe([f"model.pretrained={enc}", "model.img_size=32", "data.train=bundled:train",
                        "data.val=bundled:val", "data.num_workers=0", "data.batch_size=32", "optim.epochs=2",
                        "optim.warmup_epochs=0", f"run.dir={probe_dir}", "--label-fraction", "0.05"]) == 0
     assert (probe_dir / "probe_head.safetensors").is_file()
@@ -300,10 +300,10 @@ _EVAL_2PROC = r"""
 import json, sys, torch
 from accelerate import Accelerator
 from maevit.train.evaluate import evaluate_classifier
-from maevit.train.finetune import _labeled
+from maevit.train.common import labeled_for_rank
 from tests.test_finetune import _eval_model
 acc = Accelerator(cpu=True)
-loader = _labeled("bundled:val", acc, img_size=32, batch_size=7, train=False, num_workers=0, seed=0)
+loader = labeled_for_rank("bundled:val", acc, img_size=32, batch_size=7, train=False, num_workers=0, seed=0)
 res = evaluate_classifier(_eval_model(), loader, 10, accelerator=acc)
 local = sum(len(y) for _, y in loader)
 if acc.is_main_process:

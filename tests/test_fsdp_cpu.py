@@ -77,7 +77,7 @@ def _worker(out_dir: str) -> None:
         StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
     )
 
-    from maevit.train.checkpoint import export_encoder
+    from maevit.models import export_encoder
 
     out = Path(out_dir)
     dist.init_process_group("gloo")
@@ -98,7 +98,7 @@ def _worker(out_dir: str) -> None:
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:  # what pretrain does with accelerator.get_state_dict(model) under FSDP
-        export_encoder(full, out / "encoder.safetensors", model_name="mae_vit_tiny_patch16", img_size=32)
+        export_encoder(model, out / "encoder.safetensors", state_dict=full)  # the gathered weights, the model's header
     dist.barrier()
     dist.destroy_process_group()
 

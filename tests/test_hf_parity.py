@@ -9,7 +9,8 @@ from torch import nn
 
 from maevit import create_mae
 from maevit.models import sincos_2d
-from maevit.train.checkpoint import hf_vitmae_config, load_mae_weights, to_hf_vitmae_keys, to_maevit_mae_keys
+from maevit.models.hf_vitmae import hf_to_maevit as to_maevit_mae_keys, hf_vitmae_config, to_hf_vitmae_keys
+from maevit.models.weights import load_mae_weights
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.vit_mae import modeling_vit_mae  # noqa: E402
@@ -105,7 +106,7 @@ def test_parity_with_weights_converted_both_ways(case):
     model.zero_grad(set_to_none=True)
     hf.zero_grad(set_to_none=True)
     report = load_mae_weights(model, hf.state_dict())
-    assert report.source_format == "hf_vitmae" and not report.missing and not report.unexpected
+    assert report.format == "hf_vitmae" and not report.missing and not report.unexpected
     _compare(model, hf, kwargs)
 
 

@@ -24,6 +24,8 @@ from .registry import ModelArgumentError, create_encoder
 from .weights import load_encoder_weights, read_header
 
 HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.")  # may be new in a classifier built from an encoder
+# an encoder's final norm, which a classifier with average pooling replaces by a fresh fc_norm (as published)
+REPLACED_PREFIXES = ("norm.",)
 
 
 def resolve_architecture(
@@ -83,7 +85,8 @@ def create_classifier(
     model.reset_classifier(num_classes, pool)
     model.load_report = None
     if pretrained is not None:
-        model.load_report = load_encoder_weights(model, pretrained, strict=strict, fresh=HEAD_PREFIXES)
+        model.load_report = load_encoder_weights(model, pretrained, strict=strict, fresh=HEAD_PREFIXES,
+                                                 ignore=REPLACED_PREFIXES)
         if verbose:
             print(model.load_report)
     return model

@@ -144,7 +144,10 @@ def build_encoder(cls: type, overrides: Mapping[str, Any], /, **defaults: Any) -
             )
     args = {**defaults, **overrides}
     encoder = cls(**args)
-    encoder.build_args = _jsonable(args)
+    # the class's own defaults too, so a file states its whole architecture (not only what differed)
+    own = inspect.signature(cls.__init__).parameters.values()
+    full = {p.name: p.default for p in own if p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+    encoder.build_args = _jsonable({**full, **args})
     return encoder
 
 

@@ -25,6 +25,7 @@ gives the exact call). What timm does not have, and this file adds:
 """
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import Literal
 
@@ -269,6 +270,10 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         """All tokens ``[B, 1 + L, D]`` of the full image (timm's meaning)."""
         return self._encode(self._embed(x), None)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the classifier (or pooled features without a head)."""
+        return self.forward_head(self.forward_features(x))
+
     def no_weight_decay(self) -> set[str]:
         """Class token, position table and relative-position tables (besides biases and norms)."""
         names = {n for n, _ in self.named_parameters()}
@@ -337,9 +342,8 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         args = self.build_args or {}
         if args.get("pos_encoding", "sincos") not in ("sincos", "learn") or args.get("attention", "mha") != "mha":
             return None
-        size = {v["embed_dim"]: k for k, v in VIT_SIZES.items()}.get(self.embed_dim)
-        if size is None:
-            return None
+        m = re.match(r"mae_vit_(tiny|small|base|large|huge)_", self.model_name or "")
+        size = m.group(1) if m else {v["embed_dim"]: k for k, v in VIT_SIZES.items()}.get(self.embed_dim, "base")
         arch = next((a for a in (f"vit_{size}_patch{self.patch_size}_224", f"vit_{size}_patch16_224",
                                  f"vit_{size}_patch14_224") if timm.is_model(a)), None)
         if arch is None:
@@ -349,6 +353,8 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         if self.in_chans != 3:
             kwargs["in_chans"] = self.in_chans
         std = VIT_SIZES[size]
+        if self.embed_dim != std["embed_dim"]:
+            kwargs["embed_dim"] = self.embed_dim
         if len(self.blocks) != std["depth"]:
             kwargs["depth"] = len(self.blocks)
         if self.blocks[0].attn.num_heads != std["num_heads"]:

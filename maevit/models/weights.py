@@ -404,16 +404,20 @@ def load_encoder_weights(
     *,
     strict: bool = True,
     fresh: Iterable[str] = (),
+    ignore: Iterable[str] = (),
 ) -> LoadReport:
     """Load the encoder part of any supported source into ``encoder`` (a bare encoder or a classifier).
 
     The family's ``checkpoint_filter`` maps foreign names and resizes position
     tables. Keys in ``fresh`` (prefixes; e.g. a new ``head.``) may be missing
     or of another shape: they keep their initialisation and are reported as new.
+    Source keys under ``ignore`` prefixes (e.g. the final ``norm.`` a classifier
+    with average pooling replaces) may have no place in the model.
 
     Raises:
         CheckpointError: a shape that cannot be adapted, or (``strict``) model
-            weights the source lacks; the message names them and the likely fix.
+            weights the source lacks or source weights the model has no place
+            for; the message names them and the likely fix.
     """
     raw = read_state_dict(src)
     fmt = detect_format(raw)
@@ -425,6 +429,7 @@ def load_encoder_weights(
     report = LoadReport(source, fmt)
     fresh = tuple(fresh)
     out: dict[str, torch.Tensor] = {}
+    wrong: list[str] = []
     for k, v in filtered.items():
         if k not in own:
             report.unexpected.append(k)
@@ -434,12 +439,15 @@ def load_encoder_weights(
         if v.shape != own[k].shape:
             if k.startswith(fresh):
                 report.unexpected.append(k)  # e.g. a head for other classes: a new one is used
-                continue
-            raise CheckpointError(
-                f"{k}: checkpoint shape {tuple(v.shape)} does not fit the model's {tuple(own[k].shape)}; "
-                f"{_mismatch_advice(k, tuple(v.shape), tuple(own[k].shape), header)}"
-            )
+            else:
+                wrong.append(k)
+            continue
         out[k] = v.to(own[k].dtype)
+    if wrong:  # name the most telling mismatch: the patch embedding says patch size, channels and width
+        k = next((w for w in wrong if "patch_embed" in w), wrong[0])
+        got, want = tuple(filtered[k].shape), tuple(own[k].shape)
+        raise CheckpointError(f"{k}: checkpoint shape {got} does not fit the model's {want}; "
+                              f"{_mismatch_advice(k, got, want, header)}")
     lacking = []
     for k in own:
         if k in out:
@@ -450,13 +458,13 @@ def load_encoder_weights(
             lacking.append(k)
         else:
             report.missing.append(k)
-    if lacking:
+    extra = [k for k in report.unexpected if strict and not k.startswith(tuple(ignore) + fresh)]
+    if lacking or extra:
         n_file, n_model = _blocks(sd), _blocks(own)
         depth = (f" The checkpoint has {n_file} blocks, the model {n_model}." if n_file != n_model else "")
-        raise CheckpointError(
-            f"{source} ({fmt}) lacks {len(lacking)} weights the model needs: {_compact(lacking)}.{depth} "
-            f"{_mismatch_advice('', (), (), header)}"
-        )
+        what = (f"lacks {len(lacking)} weights the model needs: {_compact(lacking)}" if lacking else
+                f"has {len(extra)} weights the model has no place for: {_compact(extra)}")
+        raise CheckpointError(f"{source} ({fmt}) {what}.{depth} {_mismatch_advice('', (), (), header)}")
     encoder.load_state_dict(out, strict=False)
     report.loaded = sorted(out)
     return report
@@ -480,10 +488,11 @@ def load_mae_weights(
     _, dec = split_mae(raw)
     report = load_encoder_weights(model.encoder, raw, strict=strict)
     report.source = str(src) if not isinstance(src, Mapping) else "<state dict>"
-    if strict and report.unexpected:
-        raise CheckpointError(f"strict load of {report.source} failed: the model has no place for "
-                              f"{_compact(report.unexpected)}.\n{report}")
     own = model.decoder.state_dict()
+    if "pos_embed" in dec and dec["pos_embed"].shape != own["pos_embed"].shape:
+        # the decoder's table is fixed sin-cos: the model's own is the right one for its grid
+        report.resized["decoder.pos_embed"] = f"{tuple(dec['pos_embed'].shape)} -> {tuple(own['pos_embed'].shape)}"
+        dec = {**dec, "pos_embed": own["pos_embed"]}
     if not dec:
         report.new += [f"decoder.{k}" for k in own]
         warnings.warn(f"{report.source}: encoder-only weights; the decoder ({len(own)} tensors) keeps its "

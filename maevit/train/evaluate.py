@@ -171,3 +171,84 @@ def save_confusion_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+# ----------------------------------------------------------------------------- maevit eval
+
+
+def load_classifier(path: str | os.PathLike, *, name: str | None = None, img_size: int | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a classifier from ``classifier.safetensors``, its fine-tuning run directory, or a
+    training checkpoint of one; the file's header gives the architecture, classes and pooling.
+
+    Args:
+        name: a registered model name, for classifier files that do not name theirs.
+        img_size: evaluate at another resolution (position tables are resampled).
+
+    Raises:
+        FileNotFoundError / CheckpointError / ModelArgumentError: with what to pass instead.
+    """
+    from maevit.models import CheckpointError, create_classifier, read_header
+    from maevit.models.weights import encoder_state_dict
+
+    p = Path(path)
+    if p.is_dir() and (p / "classifier.safetensors").is_file():
+        p = p / "classifier.safetensors"
+    header = read_header(p)
+    if header.get("kind") not in (None, "classifier"):
+        raise CheckpointError(f"{path} holds an {header['kind']}, not a classifier: fine-tune it first "
+                              "(maevit finetune model.pretrained=...)")
+    sd = encoder_state_dict(p)
+    if "head.weight" not in sd:
+        raise CheckpointError(f"{path} has no classification head (head.weight): fine-tune it first (maevit finetune)")
+    num_classes = header.get("num_classes") or int(sd["head.weight"].shape[0])
+    overrides = {} if img_size is None else {"img_size": img_size}
+    model = create_classifier(name, num_classes, pretrained=p, global_pool=None, **overrides)
+    if model.load_report.new:
+        raise CheckpointError(f"{path}: {', '.join(model.load_report.new)} missing or of the wrong shape")
+    return model, header
+
+
+def main_eval(argv: list[str] | None = None) -> int:
+    """``maevit eval CLASSIFIER --data VAL``: top-1 / top-5 / per-class / confusion matrix."""
+    import argparse
+    import json
+    import math
+    import sys
+
+    from maevit.train.common import labeled_for_rank, make_accelerator, setup_logging, usage_errors
+
+    p = argparse.ArgumentParser(prog="maevit eval", description=main_eval.__doc__)
+    p.add_argument("checkpoint", help="fine-tuning RUN_DIR or a classifier .safetensors")
+    p.add_argument("--data", required=True, help="labeled source (shards, class folders, bundled:val)")
+    p.add_argument("--model", default=None, help="model name, for files that do not name theirs")
+    p.add_argument("--img-size", type=int, default=None, help="default: the classifier's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="where to write eval.json + confusion.png (default: beside the checkpoint)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    acc = make_accelerator("fp32")
+    try:
+        model, header = load_classifier(a.checkpoint, name=a.model, img_size=a.img_size)
+        model.to(acc.device)
+        loader = labeled_for_rank(a.data, acc, img_size=int(model.img_size[0]), batch_size=a.batch_size, train=False,
+                                  num_workers=a.num_workers, seed=0,
+                                  **{k: tuple(header[k]) for k in ("mean", "std") if k in header})
+    except usage_errors() as e:
+        print(f"maevit eval: error: {e}", file=sys.stderr)
+        return 2
+    names = header.get("class_names") or getattr(loader, "class_names", None) or None
+    res = evaluate_classifier(model, loader, model.num_classes, accelerator=acc)
+    if acc.is_main_process:
+        print(format_report(res, names))
+        ckpt = Path(a.checkpoint)
+        out_dir = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        png = save_confusion_png(res.confusion, out_dir / "confusion.png", names)
+        (out_dir / "eval.json").write_text(json.dumps({
+            **res.summary(), "per_class": [None if math.isnan(v) else v for v in res.per_class.tolist()],
+            "confusion": res.confusion.tolist(), "class_names": names, "data": a.data,
+            "num_processes": acc.num_processes}, indent=1))
+        print(f"confusion matrix: {png}\nmetrics: {out_dir / 'eval.json'}")
+    acc.wait_for_everyone()
+    return 0

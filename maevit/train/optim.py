@@ -73,23 +73,28 @@ def fused_supported(device: torch.device) -> bool:
 
 
 def build_adamw(
-    model: nn.Module,
+    model_or_groups: nn.Module | list[dict[str, Any]],
     lr: float,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (MAE's betas by default).
+    """AdamW over :func:`param_groups` of a model, or over given parameter groups (MAE's betas by default).
 
     Args:
-        fused: use the fused kernel (default: where supported). The fused
-            kernel can skip a step on the device (``optimizer.found_inf``),
-            which the training loops use to drop non-finite steps without a
-            host synchronisation.
+        model_or_groups: a model, or groups such as :func:`param_groups_layer_decay`'s.
+        fused: use the fused kernel (default: where supported). The fused kernel can
+            skip a step on the device (``optimizer.found_inf``), which the training
+            loops use to drop non-finite steps without a host synchronisation.
     """
+    if isinstance(model_or_groups, nn.Module):
+        groups = param_groups(model_or_groups, weight_decay)
+    else:
+        groups = model_or_groups
     if fused is None:
-        fused = fused_supported(next(model.parameters()).device)
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+        first = next(p for g in groups for p in g["params"])
+        fused = fused_supported(first.device)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

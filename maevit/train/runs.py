@@ -57,27 +57,13 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from maevit.train.checkpoint import atomic_write
+from maevit.fileio import fsync_tree, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _fsync_tree(root: Path) -> None:
-    # Accelerate does not fsync; do it before the rename that publishes a checkpoint. (The
-    # checkpoint directory is not written through atomic_write: every rank writes into it, so
-    # its temporary name must be the same on all ranks, not pid-based.)
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
@@ -254,7 +240,9 @@ def save_checkpoint(
     if accelerator.is_main_process:
         meta = {**dict(state), "step": step, "num_processes": accelerator.num_processes}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))  # last file: marks completeness
-        _fsync_tree(tmp)
+        # Accelerate does not fsync; do it before the rename that publishes the checkpoint (not through
+        # atomic_write: every rank writes into it, so its temporary name is the same on all ranks)
+        fsync_tree(tmp)
         if final.exists():  # the same step saved twice (e.g. a final save): replace it
             old = run.checkpoints_dir / f".old-{name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -263,7 +251,7 @@ def save_checkpoint(
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-        _write_text_atomic(run.checkpoints_dir / LATEST_FILE, name + "\n")
+        write_text_atomic(run.checkpoints_dir / LATEST_FILE, name + "\n")
         for stale in run.checkpoints()[:-keep_last]:
             if stale != final:
                 shutil.rmtree(stale)
@@ -339,7 +327,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            _write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most one line
 
     def log(self, step: int, **metrics: Any) -> None:
