@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .weights import CheckpointError
+from .errors import CheckpointError
 
 _HF_PATCH = re.compile(r"^(vit\.)?embeddings\.patch_embeddings\.")
 

@@ -41,6 +41,8 @@ from torch import nn
 
 from maevit.fileio import save_safetensors_atomic
 
+from .errors import CheckpointError
+
 FORMAT = "maevit"
 FORMAT_VERSION = "2"
 FORMATS = ("maevit_mae", "encoder", "mae_published", "hf_vitmae")
@@ -51,10 +53,6 @@ _STATE_FILE_PREFIXES = (
     "optimizer", "scheduler", "scaler", "random_states", "sampler", "custom_checkpoint", "generators",
 )
 TRAINER_STATE = "trainer_state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read, recognised or loaded; the message says why and what to do."""
 
 
 # --------------------------------------------------------------------------- locating
