@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from maevit.config import ConfigError, load_config, to_dict
+from maevit.data.transforms import DEFAULT_MAX_PIXELS
 from maevit.models.classifier import create_classifier, timm_name_for
 from maevit.train import runs
 from maevit.train.evaluate import evaluate_classifier, format_report, save_confusion_png
@@ -69,6 +70,7 @@ class DataConfig:
     smoothing: float = 0.1  # label smoothing
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # input normalisation: use the pretraining's
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped and counted (64 MP); None: no limit
 
     def validate(self) -> None:
         if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
@@ -229,11 +231,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     train_loader = _labeled(d.train, acc, img_size=cfg.model.img_size, batch_size=d.batch_size, train=True,
                             num_workers=d.num_workers, seed=cfg.run.seed, label_fraction=d.label_fraction,
                             label_seed=d.label_seed, auto_augment=d.auto_augment, re_prob=d.re_prob,
-                            mean=d.mean, std=d.std)
+                            mean=d.mean, std=d.std, max_pixels=d.max_pixels)
     val_loader = None
     if d.val:
         val_loader = _labeled(d.val, acc, img_size=cfg.model.img_size, batch_size=d.batch_size, train=False,
-                              num_workers=d.num_workers, seed=cfg.run.seed, mean=d.mean, std=d.std)
+                              num_workers=d.num_workers, seed=cfg.run.seed, mean=d.mean, std=d.std,
+                              max_pixels=d.max_pixels)
     num_classes = _num_classes(cfg.model.num_classes, train_loader)
     class_names = list(getattr(train_loader, "class_names", None) or [])
 
@@ -274,6 +277,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
             ema.module.load_state_dict(load_file(str(_ema_path(run, state["step"]))))
     step, epoch, batch = state["step"], state["epoch"], state["batch"]
+    skips = runs.SkipTally(acc, train_loader, state.get("skipped"))
     metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process,
                                  resume_step=step if ckpt is not None else None)
     if acc.is_main_process:
@@ -281,7 +285,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     cfg.model.name, num_classes, eff_batch, peak_lr, steps_per_epoch, total_steps)
 
     def checkpoint() -> None:
-        state.update(step=step, epoch=epoch, batch=batch)
+        state.update(step=step, epoch=epoch, batch=batch, skipped=skips.totals())
         if ema is not None and acc.is_main_process:
             from safetensors.torch import save_file
 
@@ -331,7 +335,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if step % cfg.run.log_every == 0 or step == last_step:
                 rate = eff_batch * (step - step_t0) / (time.perf_counter() - t0)
                 metrics.log(step, epoch=round(epoch + batch / len(train_loader), 4), loss=losses[-1].item(),
-                            lr=optimizer.param_groups[-1]["lr"], images_per_sec=round(rate, 2))
+                            lr=optimizer.param_groups[-1]["lr"], images_per_sec=round(rate, 2), skipped=skips.totals())
                 t0, step_t0 = time.perf_counter(), step
             if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step:
                 checkpoint()
@@ -353,6 +357,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             checkpoint()  # epoch boundary (the last step is saved inside the loop)
     metrics.close()
     losses = [v.item() for v in losses]
+    skipped = skips.report()
 
     if val_loader is not None and result is None:  # stopped mid-epoch or resumed at the end
         result = evaluate_classifier(acc.unwrap_model(model), val_loader, num_classes, accelerator=acc)
@@ -368,11 +373,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             export_classifier(ema.module, run.root / "classifier_ema.safetensors", meta)
         logger.info("done: step %d, classifier weights in %s", step, out_path)
     acc.wait_for_everyone()
+    run.unlock()
     return {
         "step": step, "epoch": epoch, "loss": losses[-1] if losses else float("nan"), "losses": losses,
         "top1": result.top1 if result else None, "top5": result.top5 if result else None,
         "run_dir": str(run.root), "classifier": str(out_path), "resumed_from": str(ckpt) if ckpt else None,
-        "num_processes": acc.num_processes,
+        "num_processes": acc.num_processes, "skipped": skipped,
     }
 
 
@@ -592,6 +598,7 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
 
         save_file({k: v.contiguous().cpu() for k, v in model.head.state_dict().items()}, str(run.root / "probe_head.safetensors"))
     acc.wait_for_everyone()
+    run.unlock()
     return out
 
 
@@ -696,7 +703,13 @@ def _run_from_recipe(command: str, doc: str, cfg_cls: type, run: Callable, argv:
     except ConfigError as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 2
-    out = run(cfg)
+    from maevit.data.stream import DataSourceError
+
+    try:
+        out = run(cfg)
+    except (ConfigError, DataSourceError, runs.RunError) as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 1 if isinstance(e, runs.DiskFullError) else 2
     print(json.dumps({k: v for k, v in out.items() if k != "losses"}))
     return 0
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from maevit.config import ConfigError, load_config, to_dict
-from maevit.data.stream import labeled_loader
+from maevit.data.stream import DEFAULT_MAX_PIXELS, DataSourceError, labeled_loader
 from maevit.models import create_mae
 from maevit.train import runs
 from maevit.train.knn import knn_accuracy
@@ -69,6 +69,7 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE)
     allow_pipe: bool = False  # allow `pipe:` shard URLs (they run shell commands)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped and counted (64 MP); None: no limit
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -164,7 +165,7 @@ def _loader(cfg: PretrainConfig, acc, *, batch_size: int | None = None, **kw):
         img_size=cfg.model.img_size, batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
         seed=cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes, mode=d.mode,
         samples_per_epoch=d.samples_per_epoch, shuffle_buffer=d.shuffle_buffer, mean=d.mean, std=d.std,
-        scale=d.scale, allow_pipe=d.allow_pipe, pin_memory=acc.device.type == "cuda",
+        scale=d.scale, allow_pipe=d.allow_pipe, pin_memory=acc.device.type == "cuda", max_pixels=d.max_pixels,
     )
     return pretrain_loader(d.train, **{**args, **kw})
 
@@ -173,11 +174,14 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain (or resume) the MAE described by ``cfg``; returns a summary.
 
     Returns:
-        ``{"step", "epoch", "loss", "images_per_sec", "nonfinite_steps",
-        "resumed_from", "run_dir", "encoder"}`` (``loss``: the last logged mean).
+        ``{"step", "epoch", "loss", "images_per_sec", "nonfinite_steps", "skipped",
+        "resumed_from", "run_dir", "encoder"}`` (``loss``: the last logged mean;
+        ``skipped``: bad samples skipped since step 0, by kind).
 
     Raises:
         NonFiniteLossError: ``run.max_nonfinite`` non-finite steps in a row.
+        maevit.train.runs.RunError: the run directory is in use, the disk filled up, or the
+            checkpoint cannot be resumed (the message says what to do).
     """
     from accelerate.utils import set_seed
 
@@ -228,6 +232,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     if ckpt is not None:
         state.update(runs.load_checkpoint(acc, ckpt, generators={"mask": mask_gen}))
     step, epoch, batch = state["step"], state["epoch"], state["batch"]
+    skips = runs.SkipTally(acc, loader, state.get("skipped"))  # bad samples by kind, all ranks, since step 0
     metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process,
                                  resume_step=step if ckpt is not None else None)
     logger.info("effective batch %d (= %d x %d processes x %d accumulation), lr %.3g, %d steps/epoch, %d steps%s",
@@ -269,7 +274,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             if step % cfg.run.log_every == 0 or step == last_step:
                 img_s = eff_batch * (step - step_log) / (time.perf_counter() - t_log)
                 frac_epoch = epoch + loader.state_dict()["batch"] / len(loader)
-                summary = _log(acc, metrics, bar, step, frac_epoch, optimizer, loss_sum, loss_n, bad_total, img_s)
+                summary = _log(acc, metrics, bar, step, frac_epoch, optimizer, loss_sum, loss_n, bad_total, img_s,
+                               skips.totals())
                 loss_sum.zero_(), loss_n.zero_()
                 t_log, step_log = time.perf_counter(), step
                 if max_bad_run.item() >= cfg.run.max_nonfinite:
@@ -282,7 +288,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 metrics.log(step, **knn)
                 acc.log({f"probe/{k}": v for k, v in knn.items()}, step=step)
             if step % cfg.run.ckpt_every == 0 or step == last_step:
-                state.update(step=step, **loader.state_dict(), nonfinite_steps=int(bad_total.item()))
+                state.update(step=step, **loader.state_dict(), nonfinite_steps=int(bad_total.item()),
+                             skipped=skips.totals())
                 runs.save_checkpoint(acc, run, step, state, keep_last=cfg.run.keep_last, generators={"mask": mask_gen})
                 saved_at = step
             if step >= last_step:
@@ -291,6 +298,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             epoch, batch = epoch + 1, 0
     bar.close()
     metrics.close()
+    skipped = skips.report()
 
     encoder_path = run.root / "encoder.safetensors"
     full_sd = acc.get_state_dict(model)  # collective under FSDP / DeepSpeed: every rank calls it
@@ -301,7 +309,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         logger.info("done: step %d, encoder weights in %s", step, encoder_path)
     acc.wait_for_everyone()
     acc.end_training()
-    return {**summary, "step": step, "epoch": epoch, "nonfinite_steps": int(bad_total.item()),
+    run.unlock()
+    return {**summary, "step": step, "epoch": epoch, "nonfinite_steps": int(bad_total.item()), "skipped": skipped,
             "resumed_from": str(ckpt) if ckpt else None, "run_dir": str(run.root), "encoder": str(encoder_path),
             "last_checkpoint": saved_at, "num_processes": acc.num_processes}
 
@@ -320,7 +329,8 @@ def _progress(cfg: PretrainConfig, acc, total: int, initial: int):
                 disable=not (cfg.run.progress and acc.is_main_process))
 
 
-def _log(acc, metrics, bar, step, epoch, optimizer, loss_sum, loss_n, bad_total, img_per_sec) -> dict[str, Any]:
+def _log(acc, metrics, bar, step, epoch, optimizer, loss_sum, loss_n, bad_total, img_per_sec,
+         skipped: dict[str, int]) -> dict[str, Any]:
     """Reduce the device accumulators over ranks and write one metrics row (a host sync)."""
     totals = acc.reduce(torch.stack([loss_sum, loss_n]), reduction="sum").tolist()
     row = {
@@ -330,8 +340,9 @@ def _log(acc, metrics, bar, step, epoch, optimizer, loss_sum, loss_n, bad_total,
         "images_per_sec": round(img_per_sec, 2),
         "nonfinite_steps": int(bad_total.item()),
     }
-    metrics.log(step, **row)
-    acc.log({f"train/{k}": v for k, v in row.items()}, step=step)
+    metrics.log(step, **row, skipped=skipped)  # bad samples skipped since step 0, by kind
+    acc.log({**{f"train/{k}": v for k, v in row.items()}, **{f"train/skipped_{k}": v for k, v in skipped.items()}},
+            step=step)
     bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{img_per_sec:.0f}")
     return row
 
@@ -377,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, recipe, overrides)
         result = train(cfg)
-    except (ConfigError, NonFiniteLossError) as e:
+    except (ConfigError, NonFiniteLossError, DataSourceError, runs.RunError) as e:
         print(f"maevit pretrain: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 1 if isinstance(e, (NonFiniteLossError, runs.DiskFullError)) else 2
     logger.info("run directory: %s", result["run_dir"])
     return 0
 
