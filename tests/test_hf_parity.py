@@ -11,8 +11,8 @@ from maevit import create_mae
 from maevit.models import sincos_2d
 from maevit.train.checkpoint import hf_vitmae_config, load_mae_weights, to_hf_vitmae_keys, to_maevit_mae_keys
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.vit_mae import modeling_vit_mae  # noqa: E402
+import transformers  # a test dependency: missing is an error (see conftest.py), not a skip
+from transformers.models.vit_mae import modeling_vit_mae
 
 # (maevit name, overrides, attention implementation used on the HF side)
 CASES = {
