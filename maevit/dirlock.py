@@ -90,8 +90,10 @@ def lock_dir(directory: str | os.PathLike, *, purpose: str, advice: str) -> Path
         os.close(fd)  # ENOLCK, EOPNOTSUPP, ...: the file system cannot lock
         logger.warning("cannot lock %s (%s): concurrent writers are not detected", path, exn.strerror or exn)
         return path
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    prog = "maevit" if argv0.parts[-2:] == ("maevit", "cli.py") else argv0.name  # `python -m maevit.cli`
     info = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-            "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:500]}
+            "command": " ".join([prog, *sys.argv[1:]])[:500]}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     _held[key] = fd
