@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -5,6 +6,19 @@ import torch
 
 # Small, fast, deterministic CPU tests: two cores here, fp32 only.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The test extras of pyproject.toml: a missing one is an error, never a silent skip of the tests
+# that need it (the HF parity tests would otherwise vanish and let model bugs through).
+TEST_DEPENDENCIES = ("transformers", "tensorboard")
+
+
+def pytest_configure(config):
+    missing = [m for m in TEST_DEPENDENCIES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise pytest.UsageError(
+            f"test dependencies missing: {', '.join(missing)}. Install the test extras: "
+            f"pip install -e '.[test]' (`make test` does)."
+        )
 
 
 @pytest.fixture(autouse=True)

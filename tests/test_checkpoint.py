@@ -143,7 +143,7 @@ def test_published_encoder_only_file(tmp_path):
 
 
 def test_hf_vitmae_to_maevit_and_back(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency: missing is an error (see conftest.py), not a skip
     cfg = transformers.ViTMAEConfig(
         hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768,
         decoder_hidden_size=256, decoder_num_hidden_layers=1, decoder_num_attention_heads=8,

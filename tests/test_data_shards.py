@@ -156,14 +156,15 @@ def damaged_shards(tmp_path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_samples_skipped_counted_never_sleep(damaged_shards, num_workers):
     loader = pretrain_loader(str(damaged_shards), img_size=8, batch_size=4, num_workers=num_workers,
-                             shuffle_buffer=4)
+                             shuffle_buffer=4, drop_last=False)  # every sample is in the epoch
     t0 = time.perf_counter()
     batches = list(loader)
     assert len(batches) == len(loader) and all(b.shape == (4, 3, 8, 8) for b in batches)
     assert torch.isfinite(torch.stack(batches)).all()
     stats = loader.stats()
     assert stats["corrupt_image"] == 1 and stats["missing_image"] == 1, stats
-    assert stats["unreadable_shard"] >= 1, stats
+    # the truncated shard has no index: its cut sample counts, the samples after the cut cannot be known
+    assert stats["unreadable_shard"] == 1 and stats["bad_member"] == 0, stats
     if num_workers == 0:
         assert time.perf_counter() - t0 < 2.0  # no 0.5 s sleeps per bad sample
 

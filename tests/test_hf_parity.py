@@ -12,8 +12,8 @@ from maevit.models import sincos_2d
 from maevit.models.hf_vitmae import hf_to_maevit as to_maevit_mae_keys, hf_vitmae_config, to_hf_vitmae_keys
 from maevit.models.weights import load_mae_weights
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.vit_mae import modeling_vit_mae  # noqa: E402
+import transformers  # a test dependency: missing is an error (see conftest.py), not a skip
+from transformers.models.vit_mae import modeling_vit_mae
 
 # (maevit name, overrides, attention implementation used on the HF side)
 CASES = {

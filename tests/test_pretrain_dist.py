@@ -4,7 +4,8 @@ The test writes 100 constant-colour images (the colour encodes the image id, and
 survives crops, flips and JPEG) as 7 shards of unequal size, then runs this file
 as the torchrun worker: it calls the `maevit` CLI (`maevit.cli.main(["pretrain", ...])`,
 as `torchrun -m maevit.cli pretrain ...` does) while recording which images each
-rank received and each rank's final parameters.
+rank received and each rank's final parameters. Before that, a first attempt finds
+the run directory locked by another process: both ranks must stop with its message.
 """
 import json
 import os
@@ -63,6 +64,10 @@ def test_two_process_cpu_run(tmp_path):
     assert not torch.equal(init["decoder.pred.weight"], a["decoder.pred.weight"])  # and they did train
     assert (tmp_path / "run" / "checkpoints" / "step-00000024" / "random_states_1.pkl").is_file()
     assert (tmp_path / "run" / "encoder.safetensors").is_file()
+    # a first attempt found the run directory locked by another process: only rank 0 looks at the lock, and
+    # both ranks stopped with its message (none waited at a barrier for the other)
+    assert [s["locked_rc"] for s in seen] == [2, 2]
+    assert proc.stderr.count("maevit pretrain: error: run directory") == 2 and "process 4242 on host elsewhere" in proc.stderr
 
 
 def _worker(shards: str, run_dir: str) -> int:
@@ -109,9 +114,20 @@ def _worker(shards: str, run_dir: str) -> int:
         "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.base_lr=1.0e-2", f"run.dir={run_dir}",
         "run.log_every=4", "run.ckpt_every=10", "run.viz_every=0", "run.progress=false",
     ]
+    import maevit.dirlock as dirlock
+    import maevit.train.runs as runs
+
+    def locked(directory, **kwargs):
+        assert rank == 0, "only the main process takes the lock"
+        raise dirlock.DirLockedError(f"run directory {directory} is in use by process 4242 on host elsewhere.")
+
+    runs.lock_dir = locked
+    locked_rc = main(args)
+    runs.lock_dir = dirlock.lock_dir
+    models.clear()
     rc = main(args)
     torch.save(models[0].state_dict(), out / f"rank{rank}.pt")
-    (out / f"rank{rank}.json").write_text(json.dumps({"ids": ids}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"ids": ids, "locked_rc": locked_rc}))
     return rc
 
 

@@ -20,11 +20,17 @@ re-encoding); other formats, and resized images, are encoded as JPEG at
 Safety: existing output is never overwritten unless `--overwrite`; each shard
 is written to a temporary name and renamed when complete, and the index is
 written last, so an interrupted run never leaves a shard or index that looks
-complete.
+complete. While writing, `dataset.incomplete.json` records the options and the
+shards done so far: a folder holding it (and no `dataset.json`) is refused by
+the loaders and by `shards check` as incomplete, and running the same command
+again continues where the interrupted one stopped (same bytes as an
+uninterrupted write); `--overwrite` starts over. Temporary files of a killed
+write are removed by the next one. One writer per folder (`OUT_DIR/.lock`).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -32,12 +38,28 @@ import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
+
 from . import bundled as _bundled
-from .stream import INDEX_NAME, Source, _Errors, _image_of, _read_unit, folder_source, read_index, resolve_source
+from .stream import (
+    INCOMPLETE_NAME,
+    INDEX_NAME,
+    Source,
+    _Errors,
+    _has_image,
+    _image_of,
+    _read_unit,
+    _scan_tar,
+    _where,
+    folder_source,
+    read_index,
+    resolve_source,
+)
+from .transforms import DEFAULT_MAX_PIXELS, ImageTooLargeError, check_pixels, to_rgb
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -46,10 +68,12 @@ KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Writing
 # ---------------------------------------------------------------------------------------------
 
-def _encode(args: tuple[str, int | None, int]) -> tuple[bytes, str]:
+def _encode(args: tuple[str, int | None, int]) -> tuple[bytes, str, int]:
     """Read one image file; re-encode only if resizing is asked or the format is not kept.
 
-    Returns (bytes, extension). Raises on unreadable images (the caller reports and skips them).
+    Returns (bytes, extension, pixels stored). Raises on unreadable images (the caller
+    reports and skips them). High bit depths (16-bit PNG / TIFF, float TIFF) are scaled to
+    8 bits when re-encoding, not clipped (`transforms.to_rgb`).
     """
     path, resize_shorter, quality = args
     from PIL import Image
@@ -59,15 +83,17 @@ def _encode(args: tuple[str, int | None, int]) -> tuple[bytes, str]:
     fmt = img.format
     if resize_shorter is None and fmt in KEEP_FORMATS:
         img.verify()  # cheap integrity check of the header/structure; bytes stored unchanged
-        return data, KEEP_FORMATS[fmt]
-    img = img.convert("RGB")
+        return data, KEEP_FORMATS[fmt], img.size[0] * img.size[1]
+    if resize_shorter is not None and fmt == "JPEG":
+        img.draft("RGB", (resize_shorter, resize_shorter))  # DCT-scaled decode, still >= the target size
+    img = to_rgb(img)
     if resize_shorter is not None and min(img.size) > resize_shorter:  # never upscale
         w, h = img.size
         s = resize_shorter / min(w, h)
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
-    return buf.getvalue(), "jpg"
+    return buf.getvalue(), "jpg", img.size[0] * img.size[1]
 
 
 def _tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -81,9 +107,12 @@ def _tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 class _ShardSink:
     """Writes samples into numbered shards, each to a temp name and renamed when complete."""
 
-    def __init__(self, out_dir: Path, prefix: str, max_count: int, max_bytes: int | None) -> None:
+    def __init__(self, out_dir: Path, prefix: str, max_count: int, max_bytes: int | None,
+                 done: list[dict[str, Any]] | None = None,
+                 on_close: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         self.out_dir, self.prefix, self.max_count, self.max_bytes = out_dir, prefix, max_count, max_bytes
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[dict[str, Any]] = [dict(d) for d in done or []]  # `done`: shards of an earlier attempt
+        self.on_close = on_close
         self._tf: tarfile.TarFile | None = None
         self._tmp: Path | None = None
         self._count = self._bytes = 0
@@ -105,6 +134,8 @@ class _ShardSink:
         os.replace(self._tmp, final)
         self.shards[-1].update(count=self._count, bytes=final.stat().st_size)
         self._tf = None
+        if self.on_close is not None:
+            self.on_close(self.shards)
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
         size = sum(len(d) + 512 for _, d in members)
@@ -176,29 +207,82 @@ def write_shards(
     Returns:
         The index written to `out_dir/dataset.json`.
     """
-    from tqdm import tqdm
-
     items, classes, src_desc = _items(src)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_dir(out, purpose="shard folder", advice="Wait for that `maevit shards write` to finish, or write to "
+                                                     "another OUT_DIR.")
+    except DirLockedError as exn:
+        raise FileExistsError(str(exn)) from None
+    try:
+        return _write_locked(items, classes, src, src_desc, out, samples_per_shard, max_bytes, resize_shorter,
+                             quality, workers, prefix, overwrite, shuffle_seed, progress)
+    finally:
+        unlock_dir(out)
+
+
+def _write_locked(items, classes, src, src_desc, out: Path, samples_per_shard, max_bytes, resize_shorter, quality,
+                  workers, prefix, overwrite, shuffle_seed, progress) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    for tmp in out.glob(f".{prefix}-*.tar.tmp-*"):  # half-written shards of a killed write
+        tmp.unlink(missing_ok=True)
+    for tmp in out.glob(f".{INDEX_NAME}.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    made_with = {
+        "source": src if _bundled.is_bundled_spec(src) else os.path.basename(os.path.normpath(src_desc)),
+        "samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "resize_shorter": resize_shorter,
+        "quality": quality, "shuffle_seed": shuffle_seed, "prefix": prefix,
+        "members": ["jpg|png|webp"] + (["cls"] if classes else []) + ["json"],
+    }
+    # what an interrupted write must share with this one to be continued: options and input files
+    plan = {**made_with, "source_path": os.path.abspath(src_desc), "items": len(items),
+            "inputs_sha1": hashlib.sha1("\n".join(rel for _, rel, _ in items).encode()).hexdigest()}
+    progress_file = out / INCOMPLETE_NAME
+    resume = None
+    if progress_file.is_file() and not (out / INDEX_NAME).exists() and not overwrite:
+        try:
+            resume = json.loads(progress_file.read_text())
+        except ValueError:
+            resume = None
+        if resume is None or resume.get("plan") != plan:
+            raise FileExistsError(
+                f"{out} holds an interrupted `maevit shards write` of another source or with other options "
+                f"({progress_file.name}); run that command again to finish it, or pass --overwrite to start over."
+            )
     existing = sorted(out.glob(f"{prefix}-*.tar")) + ([out / INDEX_NAME] if (out / INDEX_NAME).exists() else [])
-    if existing and not overwrite:
+    if existing and not overwrite and resume is None:
         raise FileExistsError(
             f"{out} already holds a dataset ({existing[0].name}, ...); pass --overwrite to replace it, or "
             f"choose another OUT_DIR / --prefix."
         )
-    if existing:
-        (out / INDEX_NAME).unlink(missing_ok=True)  # no stale index while rewriting
+
+    def save_progress(shards: list[dict[str, Any]], items_done: int, bad: list[str]) -> None:
+        tmp = out / f".{INCOMPLETE_NAME}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps({"format": "maevit-shards-write-progress", "plan": plan, "items": len(items),
+                                   "items_done": items_done, "shards": shards, "bad": bad}, indent=1) + "\n")
+        os.replace(tmp, progress_file)
+
+    start = resume["items_done"] if resume else 0
+    bad: list[str] = list(resume["bad"]) if resume else []
+    done_shards = resume["shards"] if resume else []
+    save_progress(done_shards, start, bad)  # from here on the folder reads as incomplete ...
+    (out / INDEX_NAME).unlink(missing_ok=True)  # ... and an old index is gone
+    if resume:
+        print(f"continuing an interrupted write of {out}: {len(done_shards)} shards done, "
+              f"{start} of {len(items)} inputs", file=sys.stderr)
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(items))
         items = [items[i] for i in order]
     workers = workers or os.cpu_count() or 1
-    jobs = [(path, resize_shorter, quality) for path, _, _ in items]
-    sink = _ShardSink(out, prefix, samples_per_shard, max_bytes)
-    bad: list[str] = []
+    jobs = [(path, resize_shorter, quality) for path, _, _ in items[start:]]
+    cursor = [start]  # index of the input being added: a shard closed now holds the inputs before it
+    sink = _ShardSink(out, prefix, samples_per_shard, max_bytes, done=done_shards,
+                      on_close=lambda shards: save_progress(shards, cursor[0], [b for b in bad]))
     pool = ProcessPoolExecutor(workers) if (workers > 1 and resize_shorter is not None) else None
+    big: list[str] = []
 
-    def encoded() -> Iterator[tuple[bytes, str] | Exception]:
+    def encoded() -> Iterator[tuple[bytes, str, int] | Exception]:
         if pool is None:
             for job in jobs:
                 try:
@@ -207,23 +291,27 @@ def write_shards(
                     yield exn
         else:
             # Ordered results keep the output reproducible; chunks bound the memory in flight.
-            for start in range(0, len(jobs), 256):
-                futures = [pool.submit(_encode, j) for j in jobs[start:start + 256]]
+            for first in range(0, len(jobs), 256):
+                futures = [pool.submit(_encode, j) for j in jobs[first:first + 256]]
                 for f in futures:
                     try:
                         yield f.result()
                     except Exception as exn:
                         yield exn
 
-    n = 0
+    n = sum(s["count"] for s in done_shards)
     try:
-        bar = tqdm(total=len(items), unit="file", desc=f"writing {out}", disable=not progress, smoothing=0.1)
-        for (path, rel, label), res in zip(items, encoded()):
+        bar = tqdm(total=len(items), initial=start, unit="file", desc=f"writing {out}", disable=not progress,
+                   smoothing=0.1)
+        for idx, ((path, rel, label), res) in enumerate(zip(items[start:], encoded()), start=start):
             bar.update(1)
             if isinstance(res, Exception):
                 bad.append(f"{rel}: {res}")
                 continue
-            data, ext = res
+            data, ext, pixels = res
+            if pixels > DEFAULT_MAX_PIXELS:
+                big.append(rel)
+            cursor[0] = idx
             key = f"{n:09d}"
             meta = {"path": rel} | ({"class": classes[label]} if label is not None else {})
             members = [(f"{key}.{ext}", data)]
@@ -233,6 +321,7 @@ def write_shards(
             sink.add(members)
             n += 1
         bar.close()
+        cursor[0] = len(items)  # the last shard closes with every input done
         shards = sink.finish()
     except BaseException:
         sink.abort()
@@ -240,8 +329,9 @@ def write_shards(
     finally:
         if pool is not None:
             pool.shutdown()
-    for stale in existing:  # overwrite: shards beyond the new count would otherwise linger
-        if stale.name not in {s["name"] for s in shards} and stale.exists() and stale.name != INDEX_NAME:
+    names = {s["name"] for s in shards}
+    for stale in out.glob(f"{prefix}-*.tar"):  # overwrite: shards beyond the new count would otherwise linger
+        if stale.name not in names:
             stale.unlink()
     index = {
         "format": "maevit-webdataset",
@@ -250,18 +340,18 @@ def write_shards(
         "total": n,
         "classes": classes,
         "skipped": len(bad),
-        "made_with": {
-            "source": src if _bundled.is_bundled_spec(src) else os.path.basename(os.path.normpath(src_desc)),
-            "samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "resize_shorter": resize_shorter,
-            "quality": quality, "shuffle_seed": shuffle_seed, "prefix": prefix,
-            "members": ["jpg|png|webp"] + (["cls"] if classes else []) + ["json"],
-        },
+        "made_with": made_with,
     }
     tmp = out / f".{INDEX_NAME}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)
+    os.replace(tmp, out / INDEX_NAME)  # written last: from now on the folder is a complete dataset
+    progress_file.unlink(missing_ok=True)
     for line in bad[:20]:
         print(f"skipped unreadable image {line}", file=sys.stderr)
+    if big:
+        print(f"{len(big)} images are over the loaders' pixel limit of {DEFAULT_MAX_PIXELS / 1e6:.0f} MP "
+              f"(first: {big[0]}) and will be skipped in training: write the shards with --resize-shorter "
+              f"(e.g. 512) to store them smaller", file=sys.stderr)
     return index
 
 
@@ -288,44 +378,62 @@ def shard_info(path: str, allow_pipe: bool = False) -> dict[str, Any]:
     }
 
 
-def check_shards(path: str, allow_pipe: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Decode every sample; report corrupt ones without stopping.
+def check_shards(path: str, allow_pipe: bool = False, progress: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """Decode every sample as the loaders do; report the bad ones without stopping.
+
+    Bad samples are counted once each, by the loaders' kinds (`stream.STAT_KEYS`). A
+    damaged shard is one line saying how many of its samples were lost: exactly when a
+    `dataset.json` lists its count; without one, the samples after the damage cannot be
+    counted and the line says the shard is damaged. A folder left by an interrupted
+    `shards write` raises `IncompleteDatasetError`.
 
     Returns:
-        {"samples": decoded OK, "bad": [description, ...], "errors": counts by kind}.
+        {"samples": decoded OK, "bad": [one line per problem], "errors": bad samples by kind,
+         "expected": samples listed, "lost": samples that never came out of their shard}.
     """
     from PIL import Image
     from tqdm import tqdm
 
     src = resolve_source(path, allow_pipe=allow_pipe, need_counts=False)
-    errors = _Errors(first=0, every_s=float("inf"))  # this command prints its own report
-    bad: list[str] = []
+    lines: list[str] = []
+    errors = _Errors(collect=lines)  # this command prints its own report
     ok = 0
-    seen_keys = 0
     bar = tqdm(total=src.num_samples if src.counts_known else None, unit="sample", disable=not progress)
     for unit in src.units:
-        before = dict(errors.counts)
+        first_line = len(lines)
         for sample in _read_unit(unit, 0, 1 << 62, errors):
-            seen_keys += 1
             bar.update(1)
-            where = f"{unit.url}:{sample['__key__']}"
-            data = _image_of(sample)
-            if data is None:
-                bad.append(f"{where}: no image member ({', '.join(k for k in sample if not k.startswith('__'))})")
+            if not _has_image(sample, errors):
                 continue
+            where = f"{unit.url}:{sample['__key__']}"
             try:
-                with Image.open(io.BytesIO(data)) as img:
+                with Image.open(io.BytesIO(_image_of(sample))) as img:
+                    check_pixels(img, max_pixels)
                     img.load()
-                if "cls" in sample:
-                    int(sample["cls"].decode().strip())
-                ok += 1
+                    to_rgb(img)
+            except ImageTooLargeError as exn:
+                errors.skip("oversized_image", _where(sample), f"{where}: {exn}")
+                continue
             except Exception as exn:
-                bad.append(f"{where}: {type(exn).__name__}: {exn}")
-        for kind in ("unreadable_shard", "bad_member"):
-            if errors.counts[kind] > before[kind]:
-                bad.append(f"{unit.url}: {kind.replace('_', ' ')} (truncated or damaged tar)")
+                errors.skip("corrupt_image", _where(sample), f"{where}: {type(exn).__name__}: {exn}")
+                continue
+            if "cls" in sample:
+                try:
+                    int(sample["cls"].decode().strip())
+                except (ValueError, UnicodeDecodeError) as exn:
+                    errors.skip("missing_label", _where(sample), f"{where}: unreadable .cls ({exn})")
+                    continue
+            ok += 1
+        shard_lines = [x for x in lines[first_line:] if x.endswith("[unreadable_shard]")]
+        if unit.kind == "tar" and "://" not in unit.url and not unit.url.startswith("pipe:") and not shard_lines:
+            _, damage = _scan_tar(unit.url)  # e.g. cut exactly between two members: tar readers stop silently
+            if damage:
+                errors.note("unreadable_shard", f"{unit.url}: damaged ({damage}); the samples after the damage are "
+                                                f"lost{'' if src.indexed else ', and without a dataset.json index their number is unknown'}")
     bar.close()
-    return {"samples": ok, "bad": bad, "errors": dict(errors.counts), "expected": src.num_samples}
+    return {"samples": ok, "bad": lines, "errors": dict(errors.counts), "expected": src.num_samples,
+            "lost": errors.counts["unreadable_shard"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +448,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("out_dir")
     w.add_argument("--samples-per-shard", type=int, default=1000)
     w.add_argument("--max-bytes", type=int, default=None, help="most bytes per shard")
-    w.add_argument("--resize-shorter", type=int, default=None, help="resize shorter side to S px (off by default)")
+    w.add_argument("--resize-shorter", type=int, default=None,
+                   help="resize shorter side to S px (off by default); the cure for very large images, which "
+                        "cost seconds and GBs per decode in every epoch")
     w.add_argument("--quality", type=int, default=95, help="JPEG quality when encoding")
     w.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     w.add_argument("--prefix", default="shard")
@@ -353,6 +463,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--allow-pipe", action="store_true", help="accept pipe: URLs (they run shell commands)")
         if name == "check":
             c.add_argument("--no-progress", action="store_true")
+            c.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                           help=f"report images with more pixels, which the loaders skip (default {DEFAULT_MAX_PIXELS}"
+                                f" = data.max_pixels; 0: no limit)")
     return p
 
 
@@ -383,10 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if info["made_with"]:
                 print(f"made with: {json.dumps(info['made_with'], sort_keys=True)}")
             return 0
-        report = check_shards(args.path, allow_pipe=args.allow_pipe, progress=not args.no_progress)
+        report = check_shards(args.path, allow_pipe=args.allow_pipe, progress=not args.no_progress,
+                              max_pixels=args.max_pixels or None)
         for line in report["bad"]:
             print(f"BAD {line}")
-        print(f"{report['samples']} samples OK, {len(report['bad'])} bad")
+        kinds = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report["errors"].items() if v)
+        print(f"{report['samples']} samples OK, {sum(report['errors'].values())} bad" + (f" ({kinds})" if kinds else ""))
         return 1 if report["bad"] else 0
     except (FileExistsError, FileNotFoundError, ValueError) as exn:
         print(f"maevit shards {args.cmd}: {exn}", file=sys.stderr)

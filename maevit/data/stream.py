@@ -26,10 +26,21 @@ members into samples, and the shuffle buffer. What we write by hand, and why:
   sample. Here bad samples are counted, logged at a limited rate, never sleep
   and never raise. Unreadable tars and samples without an image are dropped
   before the shuffle, and the worker refills its quota by wrapping around its
-  own range. Images that fail to *decode* are replaced, in the same batch, by
-  another sample of that batch (its own augmentation), so batch counts and the
-  data of every later batch do not depend on decoding; this is what makes
-  resume exact without decoding skipped batches.
+  own range. Images that fail to *decode* (or exceed `max_pixels`) are
+  replaced, in the same batch, by another sample of that batch (its own
+  augmentation), so batch counts and the data of every later batch do not
+  depend on decoding; this is what makes resume exact without decoding skipped
+  batches.
+* **Skip counts.** Counts are of samples, by kind (`STAT_KEYS`), each sample
+  once per epoch under one kind however often a refill re-reads it:
+  `corrupt_image` (the image does not decode), `oversized_image` (over
+  `max_pixels`), `missing_image` (no image member), `missing_label` (labeled
+  data without `.cls`), `bad_member` (the sample's image member could not be
+  read from its tar), `unreadable_shard` (the sample never came out of its
+  shard: the tar or file is unreadable, cut short, or holds fewer samples than
+  its index lists). Each batch carries the counts of the samples skipped while
+  it was made, so the main process adds them up exactly once
+  (`StreamLoader.stats()`); batches skipped on resume carry none.
 * **Decoding.** Only image members (PIL) and `.cls` / `.txt` / `.json` (text)
   are read. `.pyd`, `.pth`, `.pickle`, ... are never even extracted from the
   tar, so nothing is unpickled or `torch.load`-ed.
@@ -74,14 +85,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import bundled as _bundled
 from .transforms import (
+    DEFAULT_MAX_PIXELS,
     IMAGE_EXTS,
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    ImageTooLargeError,
     PretrainTransform,
     apply_seeded,
+    check_pixels,
     labeled_transform,
     normalize_batch,
     open_image,
+    to_rgb,
 )
 
 log = logging.getLogger(__name__)
@@ -89,7 +104,20 @@ log = logging.getLogger(__name__)
 TEXT_EXTS = ("cls", "txt", "json")
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta
 INDEX_NAME = "dataset.json"
-STAT_KEYS = ("corrupt_image", "missing_image", "missing_label", "unreadable_shard", "bad_member")
+INCOMPLETE_NAME = "dataset.incomplete.json"  # progress of a `maevit shards write` that has not finished
+STAT_KEYS = ("corrupt_image", "oversized_image", "missing_image", "missing_label", "unreadable_shard", "bad_member")
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be used as given; the message says why and what to do."""
+
+
+class DataSourceNotFoundError(DataSourceError, FileNotFoundError):
+    """A data source path that does not exist or holds no data."""
+
+
+class IncompleteDatasetError(DataSourceError):
+    """A shard directory left by an interrupted `maevit shards write` (no `dataset.json` yet)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +148,7 @@ class Source:
     class_names: list[str] | None
     description: str
     counts_known: bool = True
+    indexed: bool = False  # counts from a dataset.json (not from the shards themselves)
 
     @property
     def num_samples(self) -> int:
@@ -128,7 +157,7 @@ class Source:
 
 def _check_url(url: str, allow_pipe: bool) -> None:
     if url.startswith("pipe:") and not allow_pipe:
-        raise ValueError(
+        raise DataSourceError(
             f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands. If you trust it, pass "
             f"allow_pipe=True (config: data.allow_pipe=true)."
         )
@@ -157,7 +186,7 @@ def folder_source(folder: str | os.PathLike) -> Source:
     folder = Path(folder)
     files = _list_images(folder)
     if not files:
-        raise FileNotFoundError(
+        raise DataSourceNotFoundError(
             f"no images ({', '.join(IMAGE_EXTS)}) found under {folder}; expected an image folder, "
             f"a class-per-folder tree or a shard directory with {INDEX_NAME}."
         )
@@ -182,6 +211,36 @@ def read_index(path_or_url: str) -> dict[str, Any]:
         return json.loads(f.read().decode("utf-8"))
 
 
+def check_complete(folder: str | os.PathLike) -> None:
+    """Raise `IncompleteDatasetError` if `folder` was left by an interrupted `maevit shards write`.
+
+    `dataset.json` is written last, so a folder that has one is complete. Without it, the
+    progress file `dataset.incomplete.json` (or, from older versions, a `.*.tar.tmp-*` file)
+    marks a write that did not finish: its shards are only part of the data.
+    """
+    folder = Path(folder)
+    if (folder / INDEX_NAME).is_file():
+        return
+    progress = folder / INCOMPLETE_NAME
+    if progress.is_file():
+        try:
+            info = json.loads(progress.read_text())
+            done = f"{len(info['shards'])} shards with {sum(s['count'] for s in info['shards'])} samples of {info['items']} inputs"
+        except (OSError, ValueError, KeyError, TypeError):
+            done = "some shards"
+        raise IncompleteDatasetError(
+            f"{folder} holds an interrupted `maevit shards write` ({done} written, no {INDEX_NAME} yet): "
+            f"its shards are only part of the data. Run the same `maevit shards write` command again to "
+            f"finish it (it continues where it stopped), or pass --overwrite to start over."
+        )
+    tmp = sorted(folder.glob(".*.tar.tmp-*"))
+    if tmp:
+        raise IncompleteDatasetError(
+            f"{folder} has no {INDEX_NAME} and holds {tmp[0].name}, a shard left half-written by an interrupted "
+            f"`maevit shards write`: its shards are only part of the data. Write it again with --overwrite."
+        )
+
+
 def _index_source(index_url: str, allow_pipe: bool) -> Source:
     _check_url(index_url, allow_pipe)
     index = read_index(index_url)
@@ -191,18 +250,28 @@ def _index_source(index_url: str, allow_pipe: bool) -> Source:
         url = s["url"] if "url" in s else f"{base}/{s['name']}"
         _check_url(url, allow_pipe)
         units.append(Unit(url, int(s["count"])))
-    return Source(units, index.get("classes"), f"shard index {index_url}")
+    return Source(units, index.get("classes"), f"shard index {index_url}", indexed=True)
 
 
 def count_tar_samples(url: str) -> int:
     """Number of samples (consecutive groups of members sharing a key) in a local tar.
 
     Reads headers only (random-access tar: data is seeked over). A truncated tar
-    counts the samples before the damage.
+    counts the samples before the damage, and a warning says it is damaged
+    (without an index, the samples after the damage cannot be counted).
     """
+    n, damage = _scan_tar(url)
+    if damage:
+        log.warning("%s is damaged (%s): %d samples can be read; write a %s index (maevit shards write) "
+                    "to know how many were lost", url, damage, n, INDEX_NAME)
+    return n
+
+
+def _scan_tar(url: str) -> tuple[int, str | None]:
+    """(samples whose first header is intact, what is wrong with the tar or None)."""
     from webdataset.tariterators import base_plus_ext
 
-    n, last = 0, None
+    n, last, damage = 0, None, None
     try:
         with tarfile.open(url, "r:") as tf:
             for m in tf:
@@ -211,19 +280,28 @@ def count_tar_samples(url: str) -> int:
                 key, _ = base_plus_ext(m.name)
                 if key is not None and key != last:
                     n, last = n + 1, key
-    except (tarfile.TarError, OSError, EOFError):
-        pass
-    return n
+            end = tf.offset  # just after the last member's data: the end-of-archive blocks follow
+        with open(url, "rb") as f:
+            f.seek(end)
+            tail = f.read(2 * tarfile.BLOCKSIZE)
+        if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+            damage = "truncated: no end-of-archive marker"
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        damage = f"{type(exn).__name__}: {exn}"
+    return n, damage
 
 
 def _shard_list_source(urls: list[str], allow_pipe: bool, need_counts: bool) -> Source:
     for u in urls:
         _check_url(u, allow_pipe)
     if not urls:
-        raise FileNotFoundError("the shard list is empty; check the pattern or directory.")
+        raise DataSourceNotFoundError("the shard list is empty; check the pattern or directory.")
     known = all(_is_local(u) for u in urls)
+    if known:
+        for folder in sorted({os.path.dirname(os.path.abspath(u)) for u in urls}):
+            check_complete(folder)
     if need_counts and not known:
-        raise ValueError(
+        raise DataSourceError(
             "exact epochs need per-shard sample counts, and remote shards have no local index: "
             f"pass the URL of their {INDEX_NAME} as the source, or use mode='resampled' with "
             "samples_per_epoch."
@@ -255,6 +333,7 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
         return _index_source(src, allow_pipe)
     p = Path(src)
     if _is_local(src) and p.is_dir():
+        check_complete(p)
         if (p / INDEX_NAME).is_file():
             return _index_source(str(p / INDEX_NAME), allow_pipe)
         tars = sorted(p.glob("*.tar"))
@@ -269,7 +348,7 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     if _is_local(src):
         missing = [u for u in urls if not Path(u).exists()]
         if missing:
-            raise FileNotFoundError(
+            raise DataSourceNotFoundError(
                 f"data source {src!r}: {len(missing)} path(s) do not exist (first: {missing[0]}); expected "
                 f"a shard directory, {INDEX_NAME}, a shard pattern, an image folder or 'bundled[:split]'."
             )
@@ -286,14 +365,47 @@ class TransformError(RuntimeError):
 
 
 class _Errors:
-    """Per-worker bad-sample counters with rate-limited logging (never sleeps, never raises)."""
+    """Bad samples of one worker and epoch, by kind, with rate-limited logging (never sleeps, never raises).
 
-    def __init__(self, first: int = 5, every_s: float = 30.0) -> None:
+    A sample (`where`: its unit URL and position) is counted once, under the first kind
+    reported for it, however often a refill re-reads it (`dedupe`; off in resampled mode,
+    where every draw is a sample of its own). `pending` holds the counts since the last
+    `take_pending()`: they travel with the next batch to the main process.
+
+    Args:
+        first, every_s: log the first `first` messages, then at most one per `every_s` seconds.
+        dedupe: count each `where` once.
+        collect: a list to append every message to (no logging), e.g. for `maevit shards check`.
+    """
+
+    def __init__(self, first: int = 5, every_s: float = 30.0, dedupe: bool = True,
+                 collect: list[str] | None = None) -> None:
         self.counts = dict.fromkeys(STAT_KEYS, 0)
+        self.pending = dict.fromkeys(STAT_KEYS, 0)
+        self._seen: set[tuple[str, int]] | None = set() if dedupe else None
+        self._collect = collect
         self._first, self._every, self._logged, self._last, self._quiet = first, every_s, 0, 0.0, 0
 
-    def add(self, kind: str, what: str) -> None:
-        self.counts[kind] += 1
+    def skip(self, kind: str, where: tuple[str, int], what: str) -> None:
+        """Count one skipped sample (unless already counted) and log `what`."""
+        self.skip_many(kind, where[0], [where[1]], what)
+
+    def skip_many(self, kind: str, url: str, positions: Sequence[int], what: str) -> None:
+        """Count the samples at `positions` of `url` (those not counted yet) with one message."""
+        if self._seen is not None:
+            positions = [p for p in positions if (url, p) not in self._seen]
+            self._seen.update((url, p) for p in positions)
+        if not positions:
+            return
+        self.counts[kind] += len(positions)
+        self.pending[kind] += len(positions)
+        self.note(kind, what if len(positions) == 1 else f"{len(positions)} samples: {what}")
+
+    def note(self, kind: str, what: str) -> None:
+        """Log a problem (rate-limited) without counting a sample."""
+        if self._collect is not None:
+            self._collect.append(f"{what} [{kind}]")
+            return
         now = time.monotonic()
         if self._logged < self._first or now - self._last >= self._every:
             more = f" (+{self._quiet} more not shown)" if self._quiet else ""
@@ -301,6 +413,10 @@ class _Errors:
             self._logged, self._last, self._quiet = self._logged + 1, now, 0
         else:
             self._quiet += 1
+
+    def take_pending(self) -> dict[str, int]:
+        out, self.pending = self.pending, dict.fromkeys(STAT_KEYS, 0)
+        return out
 
 
 def _wanted(ext: str) -> bool:
@@ -313,6 +429,23 @@ def _image_of(sample: dict[str, Any]) -> bytes | None:
         if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
             return value
     return None
+
+
+def _where(sample: dict[str, Any]) -> tuple[str, int]:
+    return sample.get("__url__", ""), sample.get("__pos__", -1)
+
+
+def _has_image(sample: dict[str, Any], errors: _Errors) -> bool:
+    """True if `sample` has an image member; else counts it (bad_member if that member failed)."""
+    if _image_of(sample) is not None:
+        return True
+    if "__bad__" in sample:
+        errors.skip("bad_member", _where(sample), f"{sample.get('__url__')}:{sample['__key__']}: {sample['__bad__']}")
+    else:
+        members = ", ".join(k for k in sample if not k.startswith("__")) or "none read"
+        errors.skip("missing_image", _where(sample), f"{sample.get('__url__')}:{sample['__key__']}: no image "
+                                                     f"member ({members})")
+    return False
 
 
 def _read_tar(
@@ -329,12 +462,17 @@ def _read_tar(
     from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
     if unit.select is not None:
-        keep = set(unit.select[start:stop])
+        expected: Sequence[int] = unit.select[start:stop]
+        keep = set(expected)
         in_range = keep.__contains__
     else:
+        expected = range(max(start, 0), min(stop, unit.count))
         in_range = lambda pos: start <= pos < stop  # noqa: E731
-    state = {"pos": -1, "key": None}
+    state = {"pos": -1, "key": None, "error": None}
     positions: dict[str, int] = {}  # key -> position, until its sample is grouped
+    listed: set[int] = set()  # positions in range whose members the tar listed
+    failed: dict[int, str] = {}  # position -> why one of its members could not be read
+    yielded: set[int] = set()
 
     def select(fname: str) -> bool:
         key, ext = base_plus_ext(fname)
@@ -342,13 +480,17 @@ def _read_tar(
             return False
         if key != state["key"]:
             state["key"], state["pos"] = key, state["pos"] + 1
-        ok = in_range(state["pos"]) and wanted(ext.lower())
+        if not in_range(state["pos"]):
+            return False
+        listed.add(state["pos"])
+        ok = wanted(ext.lower())
         if ok:
             positions[key] = state["pos"]
         return ok
 
     def handler(exn: Exception) -> bool:
-        errors.add("bad_member", f"{unit.url}: {exn}")
+        if in_range(state["pos"]):
+            failed.setdefault(state["pos"], f"{type(exn).__name__}: {exn}")
         return True
 
     def members(stream) -> Iterator[dict[str, Any]]:
@@ -357,17 +499,40 @@ def _read_tar(
                 f["__url__"] = unit.url
                 yield f
         except Exception as exn:  # truncated / unreadable tar: keep what was read, go on
-            errors.add("unreadable_shard", f"{unit.url}: {type(exn).__name__}: {exn}")
+            state["error"] = f"{type(exn).__name__}: {exn}"
 
     try:
         stream = wds.gopen(unit.url, "rb")
     except Exception as exn:
-        errors.add("unreadable_shard", f"{unit.url}: {type(exn).__name__}: {exn}")
-        return
-    with stream:
-        for sample in group_by_keys(members(stream), handler=handler):
-            sample["__pos__"] = positions.pop(sample["__key__"], -1)
-            yield sample
+        state["error"] = f"{type(exn).__name__}: {exn}"
+    else:
+        with stream:
+            for sample in group_by_keys(members(stream), handler=handler):
+                pos = sample["__pos__"] = positions.pop(sample["__key__"], -1)
+                yielded.add(pos)
+                if pos in failed:
+                    sample["__bad__"] = failed[pos]
+                yield sample
+    # The tar has ended (not the consumer): account for the samples of the range that never came out.
+    # Samples cut by the damage that ended the tar count with the samples after it: one message per shard.
+    lost = []
+    for pos in expected:
+        if pos in yielded:
+            continue
+        if pos not in listed or (state["error"] and pos in failed):
+            lost.append(pos)
+        elif pos in failed:
+            errors.skip("bad_member", (unit.url, pos), f"{unit.url}: sample {pos}: {failed[pos]}")
+        else:
+            errors.skip("missing_image", (unit.url, pos), f"{unit.url}: sample {pos}: no image member")
+    if lost:
+        why = (f"truncated or unreadable shard ({state['error']})" if state["error"]
+               else f"the shard holds fewer samples than its {INDEX_NAME} index lists")
+        errors.skip_many("unreadable_shard", unit.url, lost,
+                         f"{unit.url}: {len(lost)} of {len(expected)} samples lost (positions {lost[0]}..{lost[-1]}): "
+                         f"{why}")
+    elif state["error"]:
+        errors.note("unreadable_shard", f"{unit.url}: truncated or damaged shard ({state['error']})")
 
 
 def _read_unit(
@@ -383,7 +548,7 @@ def _read_unit(
         try:
             data = Path(unit.url).read_bytes()
         except OSError as exn:
-            errors.add("unreadable_shard", f"{unit.url}: {exn}")
+            errors.skip("unreadable_shard", (unit.url, 0), f"{unit.url}: {exn}")
             return
         ext = unit.url.rsplit(".", 1)[-1].lower()
         sample: dict[str, Any] = {"__key__": unit.key or unit.url, "__url__": unit.url, "__pos__": 0, ext: data}
@@ -440,6 +605,7 @@ class _Spec:
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD
     epoch: int = 0
     start_batch: int = 0
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     counts: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -496,8 +662,7 @@ class _StreamDataset(IterableDataset):
             got = 0
             for u, a, e in segs:
                 for sample in _read_unit(s.units[order[u]], a, e, errors):
-                    if _image_of(sample) is None:
-                        errors.add("missing_image", f"{sample.get('__url__')}:{sample['__key__']}")
+                    if not _has_image(sample, errors):
                         continue
                     got += 1
                     yielded += 1
@@ -519,8 +684,7 @@ class _StreamDataset(IterableDataset):
             unit = s.units[int(rng.integers(len(s.units)))]
             got = 0
             for sample in _read_unit(unit, 0, 1 << 62, errors):
-                if _image_of(sample) is None:
-                    errors.add("missing_image", f"{sample.get('__url__')}:{sample['__key__']}")
+                if not _has_image(sample, errors):
                     continue
                 got += 1
                 yield sample
@@ -536,10 +700,13 @@ class _StreamDataset(IterableDataset):
             if "cls" not in sample:
                 raise KeyError("no .cls label")
             label = int(sample["cls"].decode("utf-8").strip())
+        header = open_image(data)  # header only: the size is known before decoding
+        check_pixels(header, s.max_pixels)
         if isinstance(s.transform, PretrainTransform):
-            img = s.transform(data, _rng(*seed_key))  # [3, H, W] uint8
+            img = s.transform(data, _rng(*seed_key), img=header)  # [3, H, W] uint8
         else:
-            pil = open_image(data).convert("RGB")  # decodes: errors here are bad data
+            header.load()  # decodes: errors here are bad data
+            pil = to_rgb(header)
             seed = int(_rng(*seed_key).integers(1 << 31))
             try:
                 img = apply_seeded(s.transform, pil, seed)  # [3, H, W] float, normalized
@@ -555,7 +722,7 @@ class _StreamDataset(IterableDataset):
         phys = info.id if info is not None else 0
         # Rotate so that physical worker 0 (which the DataLoader asks first) serves batch start_batch.
         lw = (phys + s.start_batch) % w
-        errors = _Errors()
+        errors = _Errors(dedupe=s.mode != "resampled")
         n = batches_per_rank(s)
         quota = _worker_batches(n, w, lw)
         skip = _worker_batches(min(s.start_batch, n), w, lw)  # this worker's batches before start
@@ -585,7 +752,8 @@ class _StreamDataset(IterableDataset):
                     break
             if not batch:
                 return
-            if k < skip:  # resume: drop without decoding
+            if k < skip:  # resume: drop without decoding (and without counting: counted before the checkpoint)
+                errors.take_pending()
                 slot += len(batch)
                 continue
             yield self._make_batch(batch, slot, lw, errors)
@@ -601,10 +769,13 @@ class _StreamDataset(IterableDataset):
             except TransformError:
                 raise
             except KeyError as exn:
-                errors.add("missing_label", f"{sample.get('__url__')}:{sample['__key__']}: {exn}")
+                errors.skip("missing_label", _where(sample), f"{sample.get('__url__')}:{sample['__key__']}: {exn}")
+                img, label = None, -1
+            except ImageTooLargeError as exn:
+                errors.skip("oversized_image", _where(sample), f"{sample.get('__url__')}:{sample['__key__']}: {exn}")
                 img, label = None, -1
             except Exception as exn:
-                errors.add("corrupt_image", f"{sample.get('__url__')}:{sample['__key__']}: {exn}")
+                errors.skip("corrupt_image", _where(sample), f"{sample.get('__url__')}:{sample['__key__']}: {exn}")
                 img, label = None, -1
             imgs.append(img)
             labels.append(label)
@@ -627,7 +798,7 @@ class _StreamDataset(IterableDataset):
             else:
                 x = torch.stack([imgs[i] for i in good])  # [B, 3, H, W], normalized by the transform
             y = torch.tensor([labels[i] for i in good], dtype=torch.int64)  # [B]
-        return {"images": x, "labels": y, "worker": lw, "stats": dict(errors.counts)}
+        return {"images": x, "labels": y, "worker": lw, "skipped": errors.take_pending()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,7 +819,7 @@ class StreamLoader:
 
     def __init__(self, spec: _Spec, source: Source, *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
         if spec.mode != "eval" and batches_per_rank(spec) == 0:
-            raise ValueError(
+            raise DataSourceError(
                 f"{source.description}: {source.num_samples} samples are fewer than one batch per rank "
                 f"(batch_size={spec.batch_size} x world_size={spec.world_size}); lower batch_size or "
                 f"pass drop_last=False."
@@ -658,8 +829,7 @@ class StreamLoader:
         self.class_names = source.class_names
         self.num_samples = source.num_samples
         self.batch_size, self.rank, self.world_size = spec.batch_size, spec.rank, spec.world_size
-        self._stats_done = dict.fromkeys(STAT_KEYS, 0)
-        self._stats_live: dict[int, dict[str, int]] = {}
+        self._skipped = dict.fromkeys(STAT_KEYS, 0)
         self._position = 0  # batches yielded in the current epoch (state_dict)
 
     @property
@@ -693,12 +863,9 @@ class StreamLoader:
         self.skip_batches(state["batch"])
 
     def stats(self) -> dict[str, int]:
-        """Bad samples skipped so far (all epochs, all workers of this rank)."""
-        out = dict(self._stats_done)
-        for counts in self._stats_live.values():
-            for k, v in counts.items():
-                out[k] += v
-        return out
+        """Samples skipped so far by the batches this loader yielded, by kind (`STAT_KEYS`;
+        all epochs, all workers of this rank; each sample once per epoch)."""
+        return dict(self._skipped)
 
     def _loader(self, spec: _Spec) -> Any:
         ds = _StreamDataset(spec)
@@ -715,20 +882,13 @@ class StreamLoader:
         spec = replace(self._spec)  # snapshot: set_epoch during iteration affects the next one only
         self._spec.start_batch = 0  # skip_batches applies to one iteration
         self._position = spec.start_batch
-        live: dict[int, dict[str, int]] = {}
-        self._stats_live = live
-        try:
-            for item in self._loader(spec):
-                live[item["worker"]] = item["stats"]
-                self._position += 1
-                if len(item["images"]) == 0:
-                    continue
-                yield (item["images"], item["labels"]) if spec.labeled else item["images"]
-        finally:
-            for counts in live.values():
-                for k, v in counts.items():
-                    self._stats_done[k] += v
-            self._stats_live = {}
+        for item in self._loader(spec):
+            for k, v in item["skipped"].items():
+                self._skipped[k] += v
+            self._position += 1
+            if len(item["images"]) == 0:
+                continue
+            yield (item["images"], item["labels"]) if spec.labeled else item["images"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,6 +921,7 @@ def pretrain_loader(
     drop_last: bool = True,
     draft: bool = True,
     pin_memory: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> StreamLoader:
     """MAE pretraining stream: crop-aware RandomResizedCrop + flip + normalize.
 
@@ -780,6 +941,7 @@ def pretrain_loader(
         drop_last: True: leave out the incomplete tail; False: wrap around to fill it.
         draft: crop-aware reduced-scale JPEG decoding.
         pin_memory: pin batches (GPU training).
+        max_pixels: images with more pixels are skipped and counted (`oversized_image`); None / 0: no limit.
 
     Returns:
         A `StreamLoader` yielding float tensors `[B, 3, H, W]`.
@@ -793,7 +955,7 @@ def pretrain_loader(
     spec = _Spec(
         src.units, batch_size, seed, rank, world_size, num_workers, mode, drop_last, shuffle_buffer,
         samples_per_epoch, False, PretrainTransform(img_size, scale=scale, draft=draft),
-        tuple(mean), tuple(std),
+        tuple(mean), tuple(std), max_pixels=max_pixels,
     )
     return StreamLoader(spec, src, pin_memory=pin_memory)
 
@@ -823,7 +985,7 @@ def select_fraction(source: Source, fraction: float, seed: int) -> Source:
         raise ValueError(f"label_fraction must be in (0, 1], got {fraction}.")
     # (unit index, position) of every sample, grouped by label.
     by_class: dict[int, list[tuple[int, int]]] = {}
-    errors = _Errors()
+    errors = _Errors(collect=[])  # a label scan: the training stream reports bad samples
     for ui, unit in enumerate(source.units):
         labels = [unit.label if unit.label is not None else -1] if unit.kind == "file" else _tar_labels(unit, errors)
         for pos, lab in enumerate(labels):
@@ -874,6 +1036,7 @@ def labeled_loader(
     crop_pct: float | None = None,
     allow_pipe: bool = False,
     pin_memory: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> StreamLoader:
     """Labeled stream for fine-tuning (train=True) or evaluation (train=False).
 
@@ -886,7 +1049,8 @@ def labeled_loader(
         img_size: output size.
         batch_size: per-rank batch size.
         train: training augmentation + shuffling, or evaluation.
-        num_workers, seed, rank, world_size, shuffle_buffer, allow_pipe, pin_memory: as in `pretrain_loader`.
+        num_workers, seed, rank, world_size, shuffle_buffer, allow_pipe, pin_memory, max_pixels: as in
+            `pretrain_loader`.
         label_fraction: use a fixed class-balanced fraction of the labels (e.g. 0.1).
         label_seed: picks that subset; kept separate from `seed` so runs with different seeds
             see the same labeled samples.
@@ -900,7 +1064,7 @@ def labeled_loader(
     _check_rank(rank, world_size, batch_size, num_workers)
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
     if src.class_names is None and not any(u.kind == "tar" for u in src.units):
-        raise ValueError(
+        raise DataSourceError(
             f"{src.description} has no labels: labeled data is a class-per-folder tree "
             f"(root/<class>/<image>) or shards with .cls members."
         )
@@ -913,5 +1077,6 @@ def labeled_loader(
     spec = _Spec(
         src.units, batch_size, seed, rank, world_size, num_workers, "exact" if train else "eval",
         True if drop_last is None else drop_last, shuffle_buffer, None, True, tf, tuple(mean), tuple(std),
+        max_pixels=max_pixels,
     )
     return StreamLoader(spec, src, pin_memory=pin_memory)

@@ -83,15 +83,64 @@ def rrc_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+# Images above this many pixels are skipped (and counted) by the loaders: decoding one costs
+# 3 bytes of memory per pixel and seconds of CPU in every worker, every epoch. 64 MP is
+# 8192 x 8192; the cure is to store smaller images (`maevit shards write --resize-shorter`).
+DEFAULT_MAX_PIXELS = 1 << 26
+
+
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the loader's limit (`max_pixels`)."""
+
+
+def check_pixels(img: Image.Image, max_pixels: int | None) -> None:
+    """Raise `ImageTooLargeError` if `img` (opened, header read) exceeds `max_pixels` (None / 0: no limit)."""
+    w, h = img.size
+    if max_pixels and w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{w}x{h} = {w * h / 1e6:.0f} MP is over the pixel limit of {max_pixels / 1e6:.0f} MP (data.max_pixels); "
+            f"store smaller images with `maevit shards write --resize-shorter 512 ...`, or raise the limit"
+        )
+
+
 def open_image(data: bytes) -> Image.Image:
     """Open encoded image bytes lazily (header only; pixels are decoded on first use)."""
     return Image.open(io.BytesIO(data))
 
 
+def _float_to_8bit(arr: np.ndarray, full: float) -> np.ndarray:
+    arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=full, neginf=0.0)
+    return np.clip(np.floor(arr * (255.0 / full) + 0.5), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, scaling high bit depths instead of clipping them.
+
+    Pillow's `convert("RGB")` clips 16-bit grayscale (modes `I;16*`, `I`) to 0..255,
+    which turns a normal picture near-white, and maps float images (`F`, e.g. float
+    TIFF) to black. Here 16-bit and 32-bit integer values are read as 0..65535, float
+    values as 0..1 (or 0..255 / 0..65535 when they go beyond 1 / 255), and both are
+    scaled to 0..255 (rounded). 16-bit RGB(A) PNGs already open as 8-bit RGB(A) in Pillow
+    (the high byte of each value), which is the same scaling up to rounding.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        arr = np.asarray(img)  # [H, W] uint16 / int32 / float32
+        if mode == "F":
+            peak = float(np.nanmax(arr, initial=0.0)) if arr.size else 0.0
+            full = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+        else:
+            full = 65535.0
+        gray = _float_to_8bit(arr, full)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+    return img.convert("RGB")
+
+
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image -> uint8 tensor `[3, H, W]` (RGB)."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)
     arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
@@ -228,8 +277,9 @@ class PretrainTransform:
         self.out_size = to_2tuple(img_size)
         self.scale, self.ratio, self.hflip, self.draft = tuple(scale), tuple(ratio), hflip, draft
 
-    def __call__(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
-        img = open_image(data)  # header only: the crop is chosen before decoding
+    def __call__(self, data: bytes, rng: np.random.Generator, img: Image.Image | None = None) -> torch.Tensor:
+        """`img`: `data` already opened with `open_image` (header read, pixels not loaded), if at hand."""
+        img = open_image(data) if img is None else img  # header only: the crop is chosen before decoding
         box = rrc_params(*img.size, rng, self.scale, self.ratio)
         flip = rng.random() < self.hflip
         out = decode_crop(data, box, self.out_size, draft=self.draft, img=img)  # [3, H, W] uint8

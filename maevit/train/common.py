@@ -261,9 +261,11 @@ def setup_logging() -> None:
 
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Everyday mistakes that get a one-paragraph message and exit code 2, never a traceback."""
+    from maevit.data.stream import DataSourceError
     from maevit.models import CheckpointError, ModelArgumentError
+    from maevit.train.runs import RunError
 
-    return ConfigError, ModelArgumentError, CheckpointError, FileNotFoundError
+    return ConfigError, ModelArgumentError, CheckpointError, DataSourceError, RunError, FileNotFoundError
 
 
 def run_recipe_command(
@@ -301,8 +303,10 @@ def run_recipe_command(
         cfg = load_config(cfg_cls, recipe, overrides)
         result = run(cfg)
     except usage_errors() as e:
+        from maevit.train.runs import DiskFullError
+
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, DiskFullError) else 2
     except NonFiniteLossError as e:
         print(f"{prog}: stopped: {e}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from maevit.config import ConfigError
+from maevit.data.transforms import DEFAULT_MAX_PIXELS
 from maevit.models import create_classifier
 from maevit.models.weights import header_of, save_weights, timm_load_line
 from maevit.train import runs
@@ -72,6 +73,7 @@ class DataConfig:
     smoothing: float = 0.1  # label smoothing
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: use the pretraining's
     std: tuple[float, float, float] = IMAGENET_STD
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped and counted (64 MP); None: no limit
 
     def validate(self) -> None:
         if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
@@ -174,7 +176,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     acc = make_accelerator(cfg.run.precision, o.accum_steps, cfg.run.dir)
     set_seed(cfg.run.seed)  # same init on every rank; numpy / random for Mixup too
     common = dict(img_size=m.img_size, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.run.seed,
-                  mean=d.mean, std=d.std)
+                  mean=d.mean, std=d.std, max_pixels=d.max_pixels)
     train_loader = labeled_for_rank(d.train, acc, train=True, label_fraction=d.label_fraction,
                                     label_seed=d.label_seed, auto_augment=d.auto_augment, re_prob=d.re_prob, **common)
     val_loader = labeled_for_rank(d.val, acc, train=False, **common) if d.val else None
@@ -207,6 +209,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
             ema.module.load_state_dict(load_file(str(_ema_path(run, state["step"]))))
     step, epoch, batch = state["step"], state["epoch"], state["batch"]
+    skips = runs.SkipTally(acc, train_loader, state.get("skipped"))  # bad samples by kind, all ranks, since step 0
     metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process,
                                  resume_step=step if ckpt is not None else None)
     logger.info("fine-tuning %s: %d classes, effective batch %d, lr %.3g, %d steps/epoch, %d steps",
@@ -214,7 +217,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 sched.steps_per_epoch, sched.total_steps)
 
     def checkpoint() -> None:
-        state.update(step=step, epoch=epoch, batch=batch, nonfinite_steps=int(guard.bad_total.item()), model=header)
+        state.update(step=step, epoch=epoch, batch=batch, nonfinite_steps=int(guard.bad_total.item()),
+                     skipped=skips.totals(), model=header)
         if ema is not None and acc.is_main_process:
             save_weights(ema.module.state_dict(), _ema_path(run, step), header)
         runs.save_checkpoint(acc, run, step, state, keep_last=cfg.run.keep_last)
@@ -256,8 +260,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 rate = eff_batch * (step - step_t0) / (time.perf_counter() - t0)
                 row.update(epoch=round(epoch + batch / len(train_loader), 4), lr=optimizer.param_groups[-1]["lr"],
                            images_per_sec=round(rate, 2))
-                metrics.log(step, **row)
-                acc.log({f"train/{k}": v for k, v in row.items()}, step=step)
+                skipped = skips.totals()
+                metrics.log(step, **row, skipped=skipped)
+                acc.log({**{f"train/{k}": v for k, v in row.items()},
+                         **{f"train/skipped_{k}": v for k, v in skipped.items()}}, step=step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 t0, step_t0 = time.perf_counter(), step
             if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == sched.last_step:
@@ -278,6 +284,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             checkpoint()  # epoch boundary (the last step is saved inside the loop)
     bar.close()
     metrics.close()
+    skipped = skips.report()
 
     if val_loader is not None and result is None:  # stopped mid-epoch or resumed at the end
         result, _ = _evaluate(acc, model, None, val_loader, num_classes)
@@ -288,8 +295,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             export_classifier(ema.module, run.root / "classifier_ema.safetensors", header)
     acc.wait_for_everyone()
     acc.end_training()
+    run.unlock()
     return {
         "step": step, "epoch": epoch, "loss": losses[-1] if losses else float("nan"), "losses": losses,
+        "skipped": skipped,
         "top1": result.top1 if result else None, "top5": result.top5 if result else None,
         "run_dir": str(run.root), "classifier": str(out_path), "resumed_from": str(ckpt) if ckpt else None,
         "num_processes": acc.num_processes, "timm_line": timm_load_line(header, out_path),

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from maevit.config import ConfigError, to_dict
+from maevit.data.transforms import DEFAULT_MAX_PIXELS
 from maevit.models import create_mae, export_encoder
 from maevit.models.weights import header_of
 from maevit.train import runs
@@ -68,6 +69,7 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE)
     allow_pipe: bool = False  # allow `pipe:` shard URLs (they run shell commands)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped and counted (64 MP); None: no limit
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -131,7 +133,7 @@ def _loader(cfg: PretrainConfig, acc, **kw):
         img_size=cfg.model.img_size, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.run.seed,
         rank=acc.process_index, world_size=acc.num_processes, mode=d.mode, samples_per_epoch=d.samples_per_epoch,
         shuffle_buffer=d.shuffle_buffer, mean=d.mean, std=d.std, scale=d.scale, allow_pipe=d.allow_pipe,
-        pin_memory=acc.device.type == "cuda",
+        pin_memory=acc.device.type == "cuda", max_pixels=d.max_pixels,
     )
     return pretrain_loader(d.train, **{**args, **kw})
 
@@ -155,11 +157,14 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain (or resume) the MAE described by ``cfg``; returns a summary.
 
     Returns:
-        ``{"step", "epoch", "loss", "images_per_sec", "nonfinite_steps", "resumed_from", "run_dir",
-        "encoder", "last_checkpoint", "num_processes"}`` (``loss``: the last logged mean).
+        ``{"step", "epoch", "loss", "images_per_sec", "nonfinite_steps", "skipped", "resumed_from", "run_dir",
+        "encoder", "last_checkpoint", "num_processes"}`` (``loss``: the last logged mean; ``skipped``: bad
+        samples skipped since step 0, by kind).
 
     Raises:
         NonFiniteLossError: ``run.max_nonfinite`` non-finite steps in a row.
+        maevit.train.runs.RunError: the run directory is in use, the disk filled up, or the
+            checkpoint cannot be resumed (the message says what to do).
     """
     from accelerate.utils import set_seed
 
@@ -202,6 +207,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     if ckpt is not None:
         state.update(runs.load_checkpoint(acc, ckpt, generators={"mask": mask_gen}))
     step, epoch, batch = state["step"], state["epoch"], state["batch"]
+    skips = runs.SkipTally(acc, loader, state.get("skipped"))  # bad samples by kind, all ranks, since step 0
     metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process,
                                  resume_step=step if ckpt is not None else None)
     logger.info("effective batch %d (= %d x %d processes x %d accumulation), lr %.3g, %d steps/epoch, %d steps%s",
@@ -232,7 +238,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             if step % cfg.run.log_every == 0 or step == sched.last_step:
                 row = guard.read(acc, cfg.run.max_nonfinite, _advice(cfg))
                 img_s = eff_batch * (step - step_log) / (time.perf_counter() - t_log)
-                summary = _log(acc, metrics, bar, step, epoch + batch / len(loader), optimizer, row, img_s)
+                summary = _log(acc, metrics, bar, step, epoch + batch / len(loader), optimizer, row, img_s,
+                               skips.totals())
                 t_log, step_log = time.perf_counter(), step
             if viz_imgs is not None and (step % cfg.run.viz_every == 0 or step == sched.last_step):
                 _save_grid(acc, model, viz_imgs, cfg, run.images_dir / f"recon-{step:08d}.png")
@@ -242,7 +249,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 acc.log({f"probe/{k}": v for k, v in knn.items()}, step=step)
             if step % cfg.run.ckpt_every == 0 or step == sched.last_step:
                 state.update(step=step, epoch=epoch, batch=batch, nonfinite_steps=int(guard.bad_total.item()),
-                             model=header)
+                             skipped=skips.totals(), model=header)
                 runs.save_checkpoint(acc, run, step, state, keep_last=cfg.run.keep_last, generators={"mask": mask_gen})
                 saved_at = step
             if step >= sched.last_step or batch >= batches_per_epoch:
@@ -251,6 +258,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             batch = batches_per_epoch  # the stream ended
     bar.close()
     metrics.close()
+    skipped = skips.report()
 
     encoder_path = run.root / "encoder.safetensors"
     full_sd = acc.get_state_dict(model)  # collective under FSDP / DeepSpeed: every rank calls it
@@ -260,17 +268,19 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         logger.info("done: step %d, encoder weights in %s", step, encoder_path)
     acc.wait_for_everyone()
     acc.end_training()
-    return {**summary, "step": step, "epoch": epoch, "nonfinite_steps": int(guard.bad_total.item()),
+    run.unlock()
+    return {**summary, "step": step, "epoch": epoch, "nonfinite_steps": int(guard.bad_total.item()), "skipped": skipped,
             "resumed_from": str(ckpt) if ckpt else None, "run_dir": str(run.root), "encoder": str(encoder_path),
             "last_checkpoint": saved_at, "num_processes": acc.num_processes}
 
 
-def _log(acc, metrics, bar, step, epoch, optimizer, row, img_per_sec) -> dict[str, Any]:
+def _log(acc, metrics, bar, step, epoch, optimizer, row, img_per_sec, skipped: dict[str, int]) -> dict[str, Any]:
     """One metrics row (already reduced over ranks) to metrics.jsonl, the tracker and the bar."""
     row = {"epoch": round(epoch, 4), "loss": row["loss"], "lr": optimizer.param_groups[0]["lr"],
            "images_per_sec": round(img_per_sec, 2), "nonfinite_steps": row["nonfinite_steps"]}
-    metrics.log(step, **row)
-    acc.log({f"train/{k}": v for k, v in row.items()}, step=step)
+    metrics.log(step, **row, skipped=skipped)  # bad samples skipped since step 0, by kind
+    acc.log({**{f"train/{k}": v for k, v in row.items()}, **{f"train/skipped_{k}": v for k, v in skipped.items()}},
+            step=step)
     bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{img_per_sec:.0f}")
     return row
 

@@ -237,6 +237,7 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
 
         save_file({k: v.contiguous().cpu() for k, v in model.head.state_dict().items()}, str(run.root / "probe_head.safetensors"))
     acc.wait_for_everyone()
+    run.unlock()
     return out
 
 

@@ -4,6 +4,7 @@ Shared by pretraining and fine-tuning; nothing here knows about MAE. A run
 directory looks like this::
 
     RUN_DIR/
+      .lock                        held by the process writing the run (maevit.dirlock)
       config.yaml                  the resolved config (maevit.config.save_config)
       metrics.jsonl                one JSON object per line, each with "step"
       images/                      PNGs written during training
@@ -18,8 +19,10 @@ directory looks like this::
           random_states_<r>.pkl    python / numpy / torch / CUDA RNG of rank r, and
                                    Accelerate's accumulation counter
           generators_<r>.safetensors   extra torch.Generator states of rank r
-          trainer_state.json       the caller's counters: step, epoch, batch, ...
+          trainer_state.json       the caller's counters: step, epoch, batch, ...; written
+                                   last, with the name and size of every other file
         .tmp-step-00001300/        a checkpoint being written; never read
+        .trash-step-00001000/      a checkpoint being deleted; never read
       previous-<time>/             an older run moved aside by ``fresh=True``
 
 Typical use (every rank runs all of it; file writes happen where they must)::
@@ -36,9 +39,23 @@ Typical use (every rank runs all of it; file writes happen where they must)::
 Why a checkpoint cannot be corrupt: every rank writes into ``.tmp-step-N``;
 after a barrier the main process fsyncs the files, renames the directory to
 ``step-N`` (atomic on POSIX) and only then rewrites ``latest`` (also by
-rename). A kill at any moment leaves either the previous complete checkpoint
-or the new one. All ranks must see the same file system (multi-node: put the
-run directory on shared storage).
+rename). Old checkpoints are pruned the same way in reverse: renamed to
+``.trash-step-N`` first (one atomic rename), then deleted. A kill at any moment
+therefore leaves either the previous complete checkpoint or the new one, and
+leftovers under hidden names are removed by the next :func:`open_run`. A
+checkpoint is *complete* when ``trainer_state.json`` is there and every file it
+lists is there (:func:`is_complete_checkpoint`); nothing else is listed or
+resumed from, and a listed file whose size changed stops the resume. All ranks
+must see the same file system (multi-node: put the run directory on shared
+storage).
+
+One process at a time: :func:`open_run` takes ``RUN_DIR/.lock`` on the main
+process and every rank stops with :class:`RunLockedError` (naming the holder)
+when another live process has it. A full disk while checkpointing raises
+:class:`DiskFullError` (where, how much is free and needed), after removing the
+partial checkpoint; the previous one stays intact. A checkpoint file that safe
+loading refuses stops the resume with :class:`ResumeError`; a refused or
+missing RNG state is loaded around with a warning that the resume is not exact.
 
 Resume is exact only when the caller's own state (data position, counters) is
 in ``trainer_state.json`` and its randomness comes from RNGs saved here: the
@@ -46,6 +63,7 @@ global RNGs (Accelerate) or generators passed in ``generators``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -57,6 +75,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
 from maevit.fileio import fsync_tree, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -64,6 +83,24 @@ logger = logging.getLogger(__name__)
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
+TRASH_PREFIX = ".trash-"
+_LEFTOVER_PREFIXES = (".tmp-", TRASH_PREFIX, ".old-")  # hidden names of killed saves / prunes
+
+
+class RunError(RuntimeError):
+    """A run directory problem with a one-paragraph message (CLIs print it, no traceback)."""
+
+
+class RunLockedError(RunError):
+    """Another live process is writing the run directory."""
+
+
+class DiskFullError(RunError):
+    """A checkpoint could not be written because its file system is full."""
+
+
+class ResumeError(RunError):
+    """A checkpoint cannot be resumed from (a file was refused or does not fit the model)."""
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
@@ -75,9 +112,30 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a published checkpoint directory (its trainer state is written last)."""
+    """True for a published checkpoint directory: ``trainer_state.json`` (written last) is
+    readable and every file it lists is there (checkpoints written before the list existed:
+    the trainer state alone). Whether the files still have their sizes is checked on resume."""
     path = Path(path)
-    return path.is_dir() and path.name.startswith(CKPT_PREFIX) and (path / STATE_FILE).is_file()
+    if not (path.is_dir() and path.name.startswith(CKPT_PREFIX)):
+        return False
+    try:
+        files = json.loads((path / STATE_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return files is None or all((path / name).is_file() for name in files)
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that no reader ever sees it half-deleted: one atomic rename to a
+    hidden ``.trash-`` name first (``checkpoints()`` no longer lists it), then the deletion."""
+    trash = path.with_name(TRASH_PREFIX + path.name)
+    shutil.rmtree(trash, ignore_errors=True)  # left by a kill during an earlier prune
+    path.rename(trash)
+    shutil.rmtree(trash)
 
 
 class RunDir:
@@ -124,11 +182,22 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def remove_leftovers(self) -> None:
+        """Delete what killed saves and prunes left under hidden names (``.tmp-``, ``.trash-``)."""
+        if self.checkpoints_dir.is_dir():
+            for p in self.checkpoints_dir.iterdir():
+                if p.name.startswith(_LEFTOVER_PREFIXES) and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def unlock(self) -> None:
+        """Release this process's lock of the run directory (taken by :func:`open_run`)."""
+        unlock_dir(self.root)
+
     def move_aside(self) -> Path | None:
         """Move everything of an old run into ``previous-<time>/``; returns it (None if empty)."""
         if not self.root.is_dir():
             return None
-        items = [p for p in self.root.iterdir() if not p.name.startswith("previous-")]
+        items = [p for p in self.root.iterdir() if not p.name.startswith("previous-") and p.name != ".lock"]
         if not items:
             return None
         dest = self.root / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -155,9 +224,14 @@ def open_run(
 
     Returns:
         ``(run, checkpoint)``: the checkpoint to resume from, or None to start at step 0.
+
+    Raises:
+        RunLockedError: another live process is writing this run directory (on every rank).
     """
     run = RunDir(root)
+    _lock(run, accelerator)
     if accelerator.is_main_process:
+        run.remove_leftovers()
         if fresh:
             moved = run.move_aside()
             if moved is not None:
@@ -183,6 +257,26 @@ def open_run(
             ckpt, checkpoint_step(ckpt),
         )
     return run, ckpt
+
+
+def _lock(run: RunDir, accelerator: Any) -> None:
+    """Main process: take ``RUN_DIR/.lock``; every rank learns the outcome (so none waits at a
+    barrier for a main process that stopped) and raises the same :class:`RunLockedError`."""
+    message = None
+    if accelerator.is_main_process:
+        try:
+            lock_dir(run.root, purpose="run directory", advice=(
+                "Two runs writing one directory would mix their metrics and overwrite each other's "
+                "checkpoints. Wait for that run to finish (or stop it), or pass another run.dir=...; "
+                "a run that was killed holds no lock, so running the same command again resumes it."))
+        except DirLockedError as exn:
+            message = str(exn)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message], from_process=0)[0]
+    if message is not None:
+        raise RunLockedError(message)
 
 
 def _diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -223,6 +317,10 @@ def save_checkpoint(
 
     Returns:
         The published checkpoint directory.
+
+    Raises:
+        DiskFullError: the file system filled up; the partial checkpoint is removed and the
+            previous one is intact (resume from it once there is room).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -232,19 +330,28 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left behind by a killed run
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if generators:
-        states = {k: g.get_state() for k, g in generators.items()}  # uint8 tensors
-        save_file(states, str(tmp / f"generators_{accelerator.process_index}.safetensors"))
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(str(tmp))
+        if generators:
+            states = {k: g.get_state() for k, g in generators.items()}  # uint8 tensors
+            save_file(states, str(tmp / f"generators_{accelerator.process_index}.safetensors"))
+    except Exception as exn:  # caught on every rank, so that no rank waits for a failed one
+        error = exn
+    if _any_rank(accelerator, error is not None):
+        _failed_save(accelerator, run, tmp, name, error)
     if accelerator.is_main_process:
-        meta = {**dict(state), "step": step, "num_processes": accelerator.num_processes}
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))  # last file: marks completeness
-        # Accelerate does not fsync; do it before the rename that publishes the checkpoint (not through
-        # atomic_write: every rank writes into it, so its temporary name is the same on all ranks)
-        fsync_tree(tmp)
+        try:
+            meta = {**dict(state), "step": step, "num_processes": accelerator.num_processes,
+                    "files": _file_sizes(tmp)}
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))  # last file: marks completeness
+            # Accelerate does not fsync; do it before the rename that publishes the checkpoint (not through
+            # atomic_write: every rank writes into it, so its temporary name is the same on all ranks)
+            fsync_tree(tmp)
+        except Exception as exn:
+            _failed_save(accelerator, run, tmp, name, exn)
         if final.exists():  # the same step saved twice (e.g. a final save): replace it
-            old = run.checkpoints_dir / f".old-{name}"
+            old = run.checkpoints_dir / f"{TRASH_PREFIX}{name}"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
@@ -254,9 +361,78 @@ def save_checkpoint(
         write_text_atomic(run.checkpoints_dir / LATEST_FILE, name + "\n")
         for stale in run.checkpoints()[:-keep_last]:
             if stale != final:
-                shutil.rmtree(stale)
+                _remove_dir(stale)
     accelerator.wait_for_everyone()
     return final
+
+
+def _any_rank(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _exc_chain(exn: BaseException | None):
+    while exn is not None:
+        yield exn
+        exn = exn.__cause__ or exn.__context__
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _checkpoint_bytes(accelerator: Any, run: RunDir) -> int:
+    """Size of the newest complete checkpoint, else an estimate: the weights plus the optimizer
+    state (AdamW: two tensors per weight) of this process."""
+    done = run.checkpoints()
+    if done:
+        return sum(_file_sizes(done[-1]).values())
+    params = sum(p.numel() * p.element_size() for m in getattr(accelerator, "_models", []) for p in m.parameters())
+    return 3 * params
+
+
+def _failed_save(accelerator: Any, run: RunDir, tmp: Path, name: str, error: BaseException | None) -> None:
+    """Remove the partial checkpoint and raise: DiskFullError when the disk is full (torch and
+    safetensors often hide the errno behind "file write failed" / "iostream error", so the free
+    space is asked as well), else the error itself, or a RunError on ranks that did not fail."""
+    where = run.checkpoints_dir
+
+    def free_space() -> int | None:
+        try:
+            return shutil.disk_usage(where).free
+        except OSError:
+            return None
+
+    need, free = _checkpoint_bytes(accelerator, run), free_space()
+    full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _exc_chain(error))
+    full = full or any(t in str(e) for e in _exc_chain(error)
+                       for t in ("No space left", "os error 28", "Disk quota exceeded"))
+    full = full or (error is not None and free is not None and free < need)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = free_space()  # what there is now, without the partial checkpoint
+    if error is None:
+        raise RunError(f"checkpoint {name} was not written: another process failed to write its part "
+                       f"(its message says why); the previous checkpoint is intact.")
+    if not full:
+        raise error
+    previous = run.latest_checkpoint()
+    kept = (f"the last complete one, {previous.name}, is intact" if previous is not None
+            else "there is no earlier checkpoint")
+    raise DiskFullError(
+        f"the disk is full: checkpoint {name} could not be written to {where} "
+        f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else error!r}). "
+        f"That file system has {_human(free) if free is not None else 'an unknown amount'} free; a checkpoint "
+        f"of this run needs about {_human(need)}, and a new one is written before the oldest is removed. "
+        f"The partial checkpoint was removed; {kept}. Free some space (or lower run.keep_last, or move "
+        f"run.dir to a larger disk), then run the same command again to resume."
+    ) from error
 
 
 def load_checkpoint(
@@ -273,8 +449,14 @@ def load_checkpoint(
     weights and optimizer still load, but RNG streams cannot continue exactly
     (logged as a warning).
 
+    Files are loaded without running code (safetensors, ``torch.load(weights_only=True)``).
+    A refused or missing RNG state of this rank is not fatal: weights, optimizer and data
+    position still load, and a warning says that the run's randomness now differs from an
+    uninterrupted run (``state["exact_resume"]`` is False, and stays so in later checkpoints).
+
     Raises:
         FileNotFoundError: ``ckpt`` is not a complete checkpoint.
+        ResumeError: a file was refused by safe loading, or does not fit the prepared objects.
     """
     ckpt = Path(ckpt)
     if not is_complete_checkpoint(ckpt):
@@ -282,6 +464,12 @@ def load_checkpoint(
             f"{ckpt} is not a complete checkpoint (no {STATE_FILE}); pass a RUN_DIR/checkpoints/step-* directory"
         )
     state = json.loads((ckpt / STATE_FILE).read_text())
+    for name, size in (state.pop("files", None) or {}).items():
+        if (ckpt / name).stat().st_size != size:
+            raise ResumeError(
+                f"cannot resume from {ckpt}: {name} is {(ckpt / name).stat().st_size} bytes, but {size} were written: "
+                f"it was modified or damaged since. Nothing was loaded. Delete or move this checkpoint to resume "
+                f"from an older one, or pass run.fresh=true to start over (the old run is kept).")
     rank = accelerator.process_index
     saved_procs = state.get("num_processes", accelerator.num_processes)
     if saved_procs != accelerator.num_processes:
@@ -290,7 +478,19 @@ def load_checkpoint(
             "but random streams and the data position differ from an uninterrupted run",
             ckpt, saved_procs, accelerator.num_processes,
         )
-    accelerator.load_state(str(ckpt))  # loads with weights_only=True (Accelerate's `load`)
+    rng_problem = _check_rng_state(ckpt / f"random_states_{rank}.pkl")
+    try:
+        accelerator.load_state(str(ckpt))  # loads with weights_only=True (Accelerate's `load`)
+    except Exception as exn:
+        raise ResumeError(_resume_failure(ckpt, exn)) from exn
+    if rng_problem is not None:
+        state["exact_resume"] = False
+        logger.warning(
+            "checkpoint %s: the RNG state of rank %d (random_states_%d.pkl) %s, so the Python / NumPy / torch "
+            "random generators are NOT restored. Weights, optimizer and data position are; the run goes on, but "
+            "its randomness differs from an uninterrupted run: this is not an exact resume.",
+            ckpt, rank, rank, rng_problem,
+        )
     gen_file = ckpt / f"generators_{rank}.safetensors"
     if generators:
         if gen_file.is_file():
@@ -305,17 +505,61 @@ def load_checkpoint(
     return state
 
 
+def _safe_load(path: Path) -> Any:
+    from accelerate.utils import load  # torch.load(weights_only=True) + the numpy types RNG states need
+
+    return load(path, map_location="cpu")
+
+
+def _check_rng_state(path: Path) -> str | None:
+    """Why Accelerate would skip this RNG state file (it does so silently), or None."""
+    if not path.is_file():
+        return "is missing"
+    try:
+        states = _safe_load(path)
+    except Exception as exn:
+        return f"was refused by safe loading ({type(exn).__name__}: {str(exn).strip().splitlines()[0][:160]})"
+    missing = [k for k in ("random_state", "numpy_random_seed", "torch_manual_seed")
+               if not isinstance(states, dict) or k not in states]
+    return f"lacks {', '.join(missing)}" if missing else None
+
+
+def _resume_failure(ckpt: Path, exn: BaseException) -> str:
+    """One paragraph for a failed ``load_state``: the refused file by name when there is one."""
+    import pickle
+
+    for f in sorted(ckpt.iterdir()):  # (RNG states are checked apart: Accelerate skips them when refused)
+        if f.suffix in (".bin", ".pt", ".pkl") and f.is_file() and not f.name.startswith("random_states_"):
+            try:
+                _safe_load(f)
+            except Exception as refused:
+                if isinstance(refused, pickle.UnpicklingError):
+                    return (f"cannot resume from {ckpt}: {f.name} was refused by safe loading: it holds more than "
+                            f"plain tensors and numbers ({str(refused).strip().splitlines()[-1][:200]}). Nothing in "
+                            f"it was run. It was modified or written by other software: delete or move this "
+                            f"checkpoint to resume from an older one, or pass run.fresh=true to start over (the "
+                            f"old run is kept).")
+                return (f"cannot resume from {ckpt}: {f.name} cannot be read ({type(refused).__name__}: "
+                        f"{str(refused).strip()[:200]}). Delete or move this checkpoint to resume from an older "
+                        f"one, or pass run.fresh=true to start over (the old run is kept).")
+    return (f"cannot resume from {ckpt}: {type(exn).__name__}: {str(exn).strip()[:300]}. If the model or "
+            f"optimizer settings changed since it was written, pass run.fresh=true to start over (the old run "
+            f"is kept), or go back to the settings in {ckpt.parent.parent / 'config.yaml'}.")
+
+
 class MetricsLogger:
     """Append-only ``metrics.jsonl``: one JSON object per call, with ``step`` first.
 
-    Only the main process writes (``enabled``). On resume, lines after
-    ``resume_step`` (steps that will be run again) and a torn last line from a
-    killed run are dropped, so the file reads as one uninterrupted run.
+    Only the main process writes (``enabled``). Lines after ``resume_step``
+    (steps that will be run again: after the checkpoint being resumed, or all of
+    them when a run starts at step 0 over rows left by an attempt killed before
+    its first checkpoint) and a torn last line from a killed run are dropped, so
+    the file reads as one uninterrupted run.
 
     Args:
         path: the ``metrics.jsonl`` file.
         enabled: False on non-main processes (then every call is a no-op).
-        resume_step: the step of the checkpoint being resumed; None for a new run.
+        resume_step: the step of the checkpoint being resumed; None for a run starting at step 0.
     """
 
     def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None) -> None:
@@ -325,8 +569,13 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.is_file():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        if self.path.is_file():
+            start = 0 if resume_step is None else resume_step
+            rows = read_metrics(self.path)
+            kept = [r for r in rows if r.get("step", 0) <= start]
+            if len(kept) < len(rows):
+                logger.info("%s: dropped %d rows after step %d left by an interrupted run; those steps run again",
+                            self.path, len(rows) - len(kept), start)
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most one line
 
@@ -360,3 +609,41 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+class SkipTally:
+    """Bad samples a run's loader skipped, by kind, summed over processes, continued on resume.
+
+    Each process's ``StreamLoader.stats()`` counts the samples its batches skipped; the
+    totals of the run so far are saved in the checkpoint (``state["skipped"]``) and added
+    back on the main process when resuming, so the counts match an uninterrupted run.
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+        loader: a loader with ``stats() -> {kind: count}`` (``maevit.data.stream.StreamLoader``).
+        saved: ``state.get("skipped")`` of the checkpoint being resumed, else None.
+    """
+
+    def __init__(self, accelerator: Any, loader: Any, saved: Mapping[str, int] | None = None) -> None:
+        from maevit.data.stream import STAT_KEYS
+
+        self.kinds = STAT_KEYS
+        self.acc, self.loader = accelerator, loader
+        self.base = dict(saved or {}) if accelerator.is_main_process else {}
+
+    def totals(self) -> dict[str, int]:
+        """``{kind: samples}`` of all processes since step 0. Every process must call it (a reduce)."""
+        local = self.loader.stats() if hasattr(self.loader, "stats") else {}
+        counts = [int(local.get(k, 0)) + int(self.base.get(k, 0)) for k in self.kinds]
+        if self.acc.num_processes > 1:
+            t = torch.tensor(counts, dtype=torch.int64, device=self.acc.device)
+            counts = self.acc.reduce(t, reduction="sum").tolist()
+        return dict(zip(self.kinds, counts))
+
+    def report(self) -> dict[str, int]:
+        """The totals, also logged (main process) when any sample was skipped."""
+        totals = self.totals()
+        if self.acc.is_main_process and any(totals.values()):
+            logger.warning("skipped bad samples: %s (see the warnings above, or `maevit shards check`)",
+                           ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items() if v))
+        return totals
