@@ -1,7 +1,8 @@
 """CIFAR-10 quality check: does MAE pretraining beat training from scratch?
 
-Runs, on one small ViT and one compute budget (all numbers are written to
-``OUT/results.json`` and printed as a Markdown table):
+Runs, on one small model of any registered family (``--model``, ``--model-args``)
+and one compute budget (all numbers are written to ``OUT/results.json`` and
+printed as a Markdown table):
 
 1. MAE pretraining on the CIFAR-10 training images (labels unused);
 2. fine-tuning the pretrained encoder vs the same model from scratch, with the
@@ -13,6 +14,12 @@ Usage (CPU, about an hour at the defaults on 2 busy cores; scale with the flags)
 
     python benchmarks/quality_cifar10.py --data /tmp/cifar10 --out /tmp/quality \\
         --per-class 1000 --pretrain-epochs 30 --ft-epochs 15
+
+Another family (the fine-tune reads the architecture from the pretraining run;
+the scratch run is built from the same name and arguments)::
+
+    python benchmarks/quality_cifar10.py --model mae_vit_small_patch16_rope \
+        --model-args '{"embed_dim": 192, "depth": 6, "num_heads": 3, "patch_size": 4}' --out /tmp/q_rope
 
 ``--data`` is the extracted ``cifar10-jpg.tar.gz`` (``train/<class>/*.jpg``,
 ``test/<class>/*.jpg``); it is extracted there when missing.
@@ -58,10 +65,9 @@ def main() -> None:
     p.add_argument("--probe-every", type=int, default=0,
                    help="online kNN probe every N pretraining steps (the curve of kNN vs steps; 0: off)")
     p.add_argument("--probe-epochs", type=int, default=50)
-    p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--dim", type=int, default=192)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--model", default="mae_vit_tiny_patch16", help="registered name (`maevit models`)")
+    p.add_argument("--model-args", default=None,
+                   help='encoder arguments as JSON (default for ViTs: {"patch_size": 4, "depth": 6})')
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="comma list of stages to run: pretrain,ft,probe,knn")
     a = p.parse_args()
@@ -90,18 +96,17 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1))
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {value}", flush=True)
 
-    size = dict(embed_dim=a.dim, depth=a.depth, num_heads=a.heads)
+    model_args = json.loads(a.model_args) if a.model_args else {"patch_size": 4, "depth": 6}
+    arch = [f"model.name={a.model}", "model.img_size=32", f"model.args={json.dumps(model_args)}"]
     enc_path = out / "pretrain" / "encoder.safetensors"
     threads = torch.get_num_threads()
     save("budget", dict(per_class=a.per_class, test_per_class=a.test_per_class, pretrain_epochs=a.pretrain_epochs,
-                        ft_epochs=a.ft_epochs, patch=a.patch, threads=threads, **size))
+                        ft_epochs=a.ft_epochs, model=a.model, model_args=model_args, threads=threads))
 
     if "pretrain" in stages and not enc_path.is_file():
         t = time.time()
         cfg = load_config(pt.PretrainConfig, None, [
-            "model.name=mae_vit_tiny_patch16", "model.img_size=32", f"model.patch_size={a.patch}",
-            f"model.embed_dim={a.dim}", f"model.depth={a.depth}", f"model.num_heads={a.heads}",
-            "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
+            *arch, "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
             f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
             f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
             f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
@@ -120,10 +125,10 @@ def main() -> None:
         if name in results:
             return
         t = time.time()
+        # from the pretraining run, the file says the architecture; from scratch, the same name and arguments
         ov = [
-            "model.name=mae_vit_tiny_patch16", "model.img_size=32", f"model.patch_size={a.patch}",
-            f"model.timm_kwargs={json.dumps(size)}", "model.drop_path=0.1",
-            f"model.pretrained={pretrained if pretrained else 'null'}",
+            *(["model.name=null", "model.img_size=32", f"model.pretrained={pretrained}"] if pretrained else arch),
+            "model.drop_path=0.1",
             f"data.train={train}", f"data.val={test}", "data.batch_size=64", f"data.num_workers={a.workers}",
             f"data.label_fraction={fraction if fraction else 'null'}",
             "data.mixup=0.8", "data.cutmix=1.0", "data.smoothing=0.1", "data.re_prob=0.25",
@@ -140,8 +145,7 @@ def main() -> None:
         if "probe" in stages and f"probe_{enc_name}" not in results:
             t = time.time()
             res = probe(load_config(ProbeConfig, None, [
-                "model.name=mae_vit_tiny_patch16", "model.img_size=32", f"model.patch_size={a.patch}",
-                f"model.timm_kwargs={json.dumps(size)}", f"model.pretrained={src if src else 'null'}",
+                *([f"model.pretrained={src}", "model.img_size=32"] if src else arch),
                 f"data.train={train}", f"data.val={test}", "data.batch_size=256", f"data.num_workers={a.workers}",
                 f"optim.epochs={a.probe_epochs}", "optim.warmup_epochs=5", f"run.dir={out / ('probe_' + enc_name)}",
             ]))
@@ -158,8 +162,8 @@ def main() -> None:
 
             Accelerator(cpu=True)
             t = time.time()
-            enc = create_classifier("mae_vit_tiny_patch16", 0, pretrained=src, img_size=32, patch_size=a.patch,
-                                    global_pool=pool, **size)
+            enc = create_classifier(None if src else a.model, 0, pretrained=src, img_size=32, global_pool=pool,
+                                    **({} if src else model_args))
             kw = dict(img_size=32, batch_size=256, train=False, num_workers=a.workers)
             res = knn_accuracy(enc, labeled_loader(str(train), **kw), labeled_loader(str(test), **kw), k=20, T=0.07)
             save(key, dict(top1=res["knn_top1"], top5=res["knn_top5"], minutes=round((time.time() - t) / 60, 1)))
