@@ -126,9 +126,18 @@ class Source:
         return sum(u.count for u in self.units)
 
 
+class DataSourceError(ValueError):
+    """A data source that cannot be used as given (missing, empty, refused, too small, unlabeled);
+    the message says what was found and what to pass instead."""
+
+
+class DataSourceNotFoundError(DataSourceError, FileNotFoundError):
+    """A data source path that does not exist, or holds no images or shards."""
+
+
 def _check_url(url: str, allow_pipe: bool) -> None:
     if url.startswith("pipe:") and not allow_pipe:
-        raise ValueError(
+        raise DataSourceError(
             f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands. If you trust it, pass "
             f"allow_pipe=True (config: data.allow_pipe=true)."
         )
@@ -157,7 +166,7 @@ def folder_source(folder: str | os.PathLike) -> Source:
     folder = Path(folder)
     files = _list_images(folder)
     if not files:
-        raise FileNotFoundError(
+        raise DataSourceNotFoundError(
             f"no images ({', '.join(IMAGE_EXTS)}) found under {folder}; expected an image folder, "
             f"a class-per-folder tree or a shard directory with {INDEX_NAME}."
         )
@@ -220,13 +229,13 @@ def _shard_list_source(urls: list[str], allow_pipe: bool, need_counts: bool) -> 
     for u in urls:
         _check_url(u, allow_pipe)
     if not urls:
-        raise FileNotFoundError("the shard list is empty; check the pattern or directory.")
+        raise DataSourceNotFoundError("the shard list is empty; check the pattern or directory.")
     known = all(_is_local(u) for u in urls)
     if need_counts and not known:
-        raise ValueError(
+        raise DataSourceError(
             "exact epochs need per-shard sample counts, and remote shards have no local index: "
             f"pass the URL of their {INDEX_NAME} as the source, or use mode='resampled' with "
-            "samples_per_epoch."
+            "samples_per_epoch (config: data.mode=resampled data.samples_per_epoch=N)."
         )
     units = [Unit(u, count_tar_samples(u) if known else 1) for u in urls]
     return Source(units, None, f"{len(urls)} shards", counts_known=known)
@@ -243,7 +252,10 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     if isinstance(source, Source):
         return source
     if _bundled.is_bundled_spec(source):
-        return folder_source(_bundled.resolve_bundled(source))
+        try:
+            return folder_source(_bundled.resolve_bundled(source))
+        except ValueError as e:  # an unknown split
+            raise DataSourceError(str(e)) from None
     if isinstance(source, (list, tuple)):
         import webdataset as wds
 
@@ -269,7 +281,7 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     if _is_local(src):
         missing = [u for u in urls if not Path(u).exists()]
         if missing:
-            raise FileNotFoundError(
+            raise DataSourceNotFoundError(
                 f"data source {src!r}: {len(missing)} path(s) do not exist (first: {missing[0]}); expected "
                 f"a shard directory, {INDEX_NAME}, a shard pattern, an image folder or 'bundled[:split]'."
             )
@@ -634,6 +646,14 @@ class _StreamDataset(IterableDataset):
 # The loader
 # ---------------------------------------------------------------------------------------------
 
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the training loop handles it (saves a
+    # checkpoint at the next step), so loader workers must keep serving batches until it is done
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StreamLoader:
     """Iterable over batches of one rank; see the module docstring for the split rules.
 
@@ -648,10 +668,11 @@ class StreamLoader:
 
     def __init__(self, spec: _Spec, source: Source, *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
         if spec.mode != "eval" and batches_per_rank(spec) == 0:
-            raise ValueError(
-                f"{source.description}: {source.num_samples} samples are fewer than one batch per rank "
-                f"(batch_size={spec.batch_size} x world_size={spec.world_size}); lower batch_size or "
-                f"pass drop_last=False."
+            most = source.num_samples // spec.world_size
+            raise DataSourceError(
+                f"{source.description}: {source.num_samples} samples are fewer than one batch of "
+                f"{spec.batch_size} per process ({spec.world_size} process(es)): lower the batch size "
+                f"(data.batch_size) to at most {most}, or use more data."
             )
         self._spec, self._source = spec, source
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
@@ -709,6 +730,7 @@ class StreamLoader:
             prefetch_factor=self.prefetch_factor, persistent_workers=False,
             # A private generator: creating the loader must not consume the training RNG.
             generator=torch.Generator().manual_seed(spec.seed),
+            worker_init_fn=_ignore_sigint,
         ))
 
     def __iter__(self) -> Iterator[Any]:
@@ -789,7 +811,8 @@ def pretrain_loader(
     _check_rank(rank, world_size, batch_size, num_workers)
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=mode == "exact")
     if mode == "resampled" and samples_per_epoch is None and not src.counts_known:
-        raise ValueError("mode='resampled' on shards without counts needs samples_per_epoch (all ranks together).")
+        raise DataSourceError("mode='resampled' on shards without counts needs samples_per_epoch "
+                              "(data.samples_per_epoch, all processes together).")
     spec = _Spec(
         src.units, batch_size, seed, rank, world_size, num_workers, mode, drop_last, shuffle_buffer,
         samples_per_epoch, False, PretrainTransform(img_size, scale=scale, draft=draft),
@@ -900,7 +923,7 @@ def labeled_loader(
     _check_rank(rank, world_size, batch_size, num_workers)
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
     if src.class_names is None and not any(u.kind == "tar" for u in src.units):
-        raise ValueError(
+        raise DataSourceError(
             f"{src.description} has no labels: labeled data is a class-per-folder tree "
             f"(root/<class>/<image>) or shards with .cls members."
         )
