@@ -38,16 +38,35 @@ def main_models(argv: list[str]) -> int:
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: maevit COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: maevit COMMAND [ARGS...]    (maevit --version)", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`maevit COMMAND --help` shows a command's options."]
     return "\n".join(lines)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("maevit")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``maevit COMMAND ...``; bare ``maevit`` prints the usage and exits 2. Ctrl-C in any command exits
+    130 without a traceback (training commands save a checkpoint first)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        import torch
+
+        print(f"maevit {_version()} (torch {torch.__version__})")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
@@ -67,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"maevit: command {name!r} is not available in this version ({e})", file=sys.stderr)
             return 2
         raise
-    return int(func(rest) or 0)
+    try:
+        return int(func(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"maevit {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

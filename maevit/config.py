@@ -23,9 +23,22 @@ class ConfigError(ValueError):
     """A config key or value that does not fit the schema."""
 
 
+# names other toolkits use for a key, mapped to ours: difflib alone would offer
+# `min_lr` for `lr`, where the key meant is `base_lr`
+ALIASES: dict[str, tuple[str, ...]] = {
+    "lr": ("base_lr", "lr"), "blr": ("base_lr",), "learning_rate": ("base_lr", "lr"), "wd": ("weight_decay",),
+    "warmup": ("warmup_epochs",), "warmup_steps": ("warmup_epochs",), "bs": ("batch_size",),
+    "batch": ("batch_size",), "workers": ("num_workers",), "output_dir": ("dir",),
+    "arch": ("name",), "steps": ("max_steps",), "clip": ("clip_grad",),
+}
+
+
 def _close(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    """The "Did you mean ...?" hint for a misspelled key: known aliases first, then close spellings."""
+    choices = list(choices)
+    close = [c for c in ALIASES.get(name.lower(), ()) if c in choices]
+    close += [c for c in difflib.get_close_matches(name, choices, n=3, cutoff=0.5) if c not in close]
+    return f" Did you mean {', '.join(repr(c) for c in close[:3])}?" if close else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -111,7 +124,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         if key not in names:
             raise ConfigError(
-                f"unknown config key {prefix}{key!r}.{_close(key, names)} "
+                f"unknown config key {prefix + str(key)!r}.{_close(str(key), names)} "
                 f"Valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
             )
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
@@ -164,9 +177,20 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.epochs=50)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                              "quote it: key='\"value\"'") from None
         _set_dotted(data, key.strip(), value)
     return data
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line from a YAML error: what and where."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
 
 
 def load_config(
@@ -178,7 +202,11 @@ def load_config(
         path = Path(recipe)
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            tag = " (Python tags like !!python/object are never read: recipes are plain YAML)" if "python/" in str(e) else ""
+            raise ConfigError(f"recipe {str(path)!r} is not plain YAML: {_yaml_problem(e)}{tag}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded
@@ -189,3 +217,91 @@ def load_config(
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as plain YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- help text
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: comment}`` from the source of ``cls`` and its bases: the trailing ``# comment``
+    of a field's line, else the comment lines right above it (the first class in the MRO wins)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (e.g. defined in a REPL)
+            continue
+        comments: dict[int, str] = {}
+        code_lines: set[int] = set()
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                code_lines.add(tok.start[0])
+        for node in ast.parse(src).body[0].body:
+            if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+                continue
+            name = node.target.id
+            text = comments.get(node.end_lineno) or comments.get(node.lineno)
+            if not text:  # a block of comment lines right above the field
+                above, line = [], node.lineno - 1
+                while line in comments and line not in code_lines:
+                    above.insert(0, comments[line])
+                    line -= 1
+                text = " ".join(above)
+            if len(text) > 110 and ". " in text:  # a long explanation: its first sentence
+                text = text.split(". ")[0] + "."
+            if text and name not in out:
+                out[name] = text
+    return out
+
+
+def _show_type(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(c) for c in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _show_type(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return "list"
+    if origin is dict:
+        return "mapping"
+    return _type_name(tp)
+
+
+def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(key, type, default, comment)`` of every leaf field of config dataclass ``cls``.
+
+    Read from the dataclasses themselves (defaults of a default instance, comments
+    from the source), so ``--help`` can never drift from the schema.
+    """
+    obj, hints, comments = cls(), get_type_hints(cls), _field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows += config_keys(tp, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", _show_type(tp), value, comments.get(f.name, "")))
+    return rows
+
+
+def format_config_keys(cls: type) -> str:
+    """The config keys of ``cls`` as aligned text lines: key, type, default, comment."""
+
+    def show(v: Any) -> str:
+        if isinstance(v, tuple):
+            v = list(v)
+        return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+    rows = [(k, t, show(d), c) for k, t, d, c in config_keys(cls)]
+    wk, wt, wd = (min(34, max(len(r[i]) for r in rows)) for i in range(3))
+    return "\n".join(f"  {k:<{wk}}  {t:<{wt}}  {d:<{wd}}  {c}".rstrip() for k, t, d, c in rows)

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="picks the images and the masks")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from maevit.data.stream import pretrain_loader
+    from maevit.data.stream import pretrain_loader, resolve_source
     from maevit.models import create_mae, read_header
     from maevit.train.common import setup_logging, usage_errors
 
@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         if not data:
             raise ValueError("pass --data SRC (shards, an image folder, or 'bundled'): the checkpoint does not say "
                              "which data it was trained on")
-        loader = pretrain_loader(data, img_size=model.encoder.img_size[0], batch_size=args.num_images, num_workers=0,
-                                 seed=args.seed, scale=(1.0, 1.0), shuffle_buffer=args.num_images, mean=mean, std=std)
+        source = resolve_source(data)
+        num_images = min(args.num_images, source.num_samples)  # a small folder: all of it
+        loader = pretrain_loader(source, img_size=model.encoder.img_size[0], batch_size=num_images, num_workers=0,
+                                 seed=args.seed, scale=(1.0, 1.0), shuffle_buffer=num_images, mean=mean, std=std)
         imgs = next(iter(loader))
     except (*usage_errors(), ValueError) as e:
         print(f"maevit visualize: error: {e}", file=sys.stderr)

@@ -176,7 +176,7 @@ def test_unknown_key_and_missing_data_are_named(tmp_path, capsys):
     assert "nmae" in err and "name" in err
     assert main([str(REPO / "pretrain" / "demo.yaml"), "optim.lr=0.1"]) == 2
     err = capsys.readouterr().err
-    assert "'lr'" in err and "base_lr" in err
+    assert "'optim.lr'" in err and "Did you mean 'base_lr'" in err  # not min_lr
     with pytest.raises(ConfigError, match="data.train"):
         train(load_config(PretrainConfig, None, [f"run.dir={tmp_path}"]))
 
@@ -230,13 +230,19 @@ def test_kill9_then_resume_loses_nothing(tmp_path):
     assert [l for _, l in got] == pytest.approx([l for _, l in ref], rel=1e-5)
 
 
-def test_online_knn_probe_logs_accuracy_of_every_val_sample(tmp_path):
+def test_online_knn_probe_logs_accuracy_of_every_val_sample(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="maevit")
     run_dir = tmp_path / "run"
     cfg = _cfg(run_dir, "optim.max_steps=4", "run.log_every=2", "run.ckpt_every=4", "run.viz_every=0",
                "run.probe_every=2", "run.probe_train=bundled:val", "run.probe_val=bundled:val")
     train(cfg)
     probes = [r for r in runs.read_metrics(run_dir / "metrics.jsonl") if "knn_top1" in r]
-    assert [r["step"] for r in probes] == [2, 4]
+    assert [r["step"] for r in probes] == [0, 2, 4]  # step 0: the random encoder's baseline
+    for step in (0, 2, 4):  # and printed when it runs
+        assert f"kNN probe at step {step}: top-1" in caplog.text
+    assert "step 2/4  epoch" in caplog.text  # run.progress=false: the metrics as log lines
     for r in probes:
         assert r["knn_samples"] == 500  # bundled val: 10 classes x 50, each counted once
         # memory bank == queries: each query finds itself, so top-1 is far above chance (10%)

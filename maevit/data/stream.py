@@ -109,11 +109,12 @@ STAT_KEYS = ("corrupt_image", "oversized_image", "missing_image", "missing_label
 
 
 class DataSourceError(ValueError):
-    """A data source that cannot be used as given; the message says why and what to do."""
+    """A data source that cannot be used as given (missing, empty, refused, too small, unlabeled);
+    the message says what was found and what to pass instead."""
 
 
 class DataSourceNotFoundError(DataSourceError, FileNotFoundError):
-    """A data source path that does not exist or holds no data."""
+    """A data source path that does not exist, or holds no images or shards."""
 
 
 class IncompleteDatasetError(DataSourceError):
@@ -304,7 +305,7 @@ def _shard_list_source(urls: list[str], allow_pipe: bool, need_counts: bool) -> 
         raise DataSourceError(
             "exact epochs need per-shard sample counts, and remote shards have no local index: "
             f"pass the URL of their {INDEX_NAME} as the source, or use mode='resampled' with "
-            "samples_per_epoch."
+            "samples_per_epoch (config: data.mode=resampled data.samples_per_epoch=N)."
         )
     units = [Unit(u, count_tar_samples(u) if known else 1) for u in urls]
     return Source(units, None, f"{len(urls)} shards", counts_known=known)
@@ -321,7 +322,10 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     if isinstance(source, Source):
         return source
     if _bundled.is_bundled_spec(source):
-        return folder_source(_bundled.resolve_bundled(source))
+        try:
+            return folder_source(_bundled.resolve_bundled(source))
+        except ValueError as e:  # an unknown split
+            raise DataSourceError(str(e)) from None
     if isinstance(source, (list, tuple)):
         import webdataset as wds
 
@@ -805,6 +809,14 @@ class _StreamDataset(IterableDataset):
 # The loader
 # ---------------------------------------------------------------------------------------------
 
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the training loop handles it (saves a
+    # checkpoint at the next step), so loader workers must keep serving batches until it is done
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StreamLoader:
     """Iterable over batches of one rank; see the module docstring for the split rules.
 
@@ -819,10 +831,11 @@ class StreamLoader:
 
     def __init__(self, spec: _Spec, source: Source, *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
         if spec.mode != "eval" and batches_per_rank(spec) == 0:
+            most = source.num_samples // spec.world_size
             raise DataSourceError(
-                f"{source.description}: {source.num_samples} samples are fewer than one batch per rank "
-                f"(batch_size={spec.batch_size} x world_size={spec.world_size}); lower batch_size or "
-                f"pass drop_last=False."
+                f"{source.description}: {source.num_samples} samples are fewer than one batch of "
+                f"{spec.batch_size} per process ({spec.world_size} process(es)): lower the batch size "
+                f"(data.batch_size) to at most {most}, or use more data."
             )
         self._spec, self._source = spec, source
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
@@ -876,6 +889,7 @@ class StreamLoader:
             prefetch_factor=self.prefetch_factor, persistent_workers=False,
             # A private generator: creating the loader must not consume the training RNG.
             generator=torch.Generator().manual_seed(spec.seed),
+            worker_init_fn=_ignore_sigint,
         ))
 
     def __iter__(self) -> Iterator[Any]:
@@ -951,7 +965,8 @@ def pretrain_loader(
     _check_rank(rank, world_size, batch_size, num_workers)
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=mode == "exact")
     if mode == "resampled" and samples_per_epoch is None and not src.counts_known:
-        raise ValueError("mode='resampled' on shards without counts needs samples_per_epoch (all ranks together).")
+        raise DataSourceError("mode='resampled' on shards without counts needs samples_per_epoch "
+                              "(data.samples_per_epoch, all processes together).")
     spec = _Spec(
         src.units, batch_size, seed, rank, world_size, num_workers, mode, drop_last, shuffle_buffer,
         samples_per_epoch, False, PretrainTransform(img_size, scale=scale, draft=draft),

@@ -232,6 +232,18 @@ def _v1_header(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_torch_file(path: Path) -> None:
+    """Raise unless ``path`` can be a weights file: a torch zip archive or a (legacy) pickle."""
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"unsupported checkpoint file {path.name!r}: expected one of "
+                              f"{', '.join(WEIGHT_SUFFIXES)} or a run directory")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise CheckpointError(f"could not read {path} as a PyTorch checkpoint: it is neither a zip archive nor a "
+                              f"pickle (it starts with {head!r}); the file may be truncated or not a checkpoint")
+
+
 def read_header(src: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
     """What a file says about itself (empty for foreign files and in-memory dicts).
 
@@ -253,14 +265,16 @@ def read_header(src: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, 
         if isinstance(model, dict):
             return model
     if path.suffix != ".safetensors":
+        _check_torch_file(path)  # a text file or a truncated download: say so before asking for a model name
         return {}
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = _parse(f.metadata() or {})
-    except Exception:  # unreadable: read_state_dict will say why
-        return {}
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(f"could not read {path} as safetensors ({type(e).__name__}: {e}); the file may be "
+                              "truncated or not a safetensors file") from e
     if meta.get("format") == FORMAT:
         return {k: v for k, v in meta.items() if k not in ("format", "format_version")}
     if meta.get("format") == "maevit-encoder" or "arch" in meta:
@@ -462,7 +476,8 @@ def load_encoder_weights(
         depth = (f" The checkpoint has {n_file} blocks, the model {n_model}." if n_file != n_model else "")
         what = (f"lacks {len(lacking)} weights the model needs: {_compact(lacking)}" if lacking else
                 f"has {len(extra)} weights the model has no place for: {_compact(extra)}")
-        raise CheckpointError(f"{source} ({fmt}) {what}.{depth} {_mismatch_advice('', (), (), header)}")
+        advice = _mismatch_advice("", (), (), header)
+        raise CheckpointError(f"{source} ({fmt}) {what}.{depth} {advice[0].upper()}{advice[1:]}")
     encoder.load_state_dict(out, strict=False)
     report.loaded = sorted(out)
     return report

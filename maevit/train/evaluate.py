@@ -98,7 +98,10 @@ def evaluate_classifier(
             logits = model(x)
         logits = logits.float()  # [B, C]
         if int(y.max()) >= num_classes or int(y.min()) < 0:
-            raise ValueError(f"label {int(y.max())} outside [0, {num_classes}): does the data match the model's classes?")
+            from maevit.data.stream import DataSourceError
+
+            raise DataSourceError(f"label {int(y.max())} outside [0, {num_classes}): the data has more classes than "
+                                  "the model; pass the labeled data the classifier was trained for")
         c, t5 = count_predictions(logits, y, num_classes)
         conf += c
         top5 += t5
@@ -134,11 +137,12 @@ def format_report(result: ClassificationResult, class_names: Sequence[str] | Non
 def save_confusion_png(
     confusion: torch.Tensor, path: str | os.PathLike, class_names: Sequence[str] | None = None
 ) -> Path:
-    """Row-normalised confusion matrix as a PNG heat map (rows: true class).
+    """Row-normalised confusion matrix as a PNG heat map (rows: true class, columns: predicted).
 
     Drawn with PIL (already a dependency) rather than adding matplotlib: a
     grid of cells, white -> dark blue by the row fraction, counts written in
-    the cells and class names on the axes when there is room.
+    the cells, and class names on both axes (written upwards over the columns)
+    when there is room.
     """
     from PIL import Image, ImageDraw
 
@@ -147,9 +151,9 @@ def save_confusion_png(
     frac = (confusion.double() / rows).numpy()  # [C, C]
     cell = max(2, min(40, 1000 // max(1, c)))
     names = list(class_names) if class_names else [str(i) for i in range(c)]
-    show_text = cell >= 18
-    names = [f"{i} {n}" for i, n in enumerate(names)]  # columns are labelled by index
-    margin = (max(len(n) for n in names) * 6 + 10) if show_text else 4
+    show_text = cell >= 12
+    names = [n if len(n) <= 24 else n[:23] + "~" for n in names]
+    margin = (max(len(n) for n in names) * 6 + 22) if show_text else 4
     size = margin + c * cell + 4
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
@@ -159,14 +163,17 @@ def save_confusion_png(
             color = (int(255 * (1 - v) + 8 * v), int(255 * (1 - v) + 48 * v), int(255 * (1 - v) + 107 * v))
             x0, y0 = margin + j * cell, margin + i * cell
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=(220, 220, 220))
-            if show_text and confusion[i, j] > 0:
+            if cell >= 18 and confusion[i, j] > 0:
                 n = int(confusion[i, j])
                 draw.text((x0 + 2, y0 + cell // 2 - 5), str(n), fill="white" if v > 0.5 else "black")
     if show_text:
         for i, name in enumerate(names):
-            draw.text((2, margin + i * cell + cell // 2 - 5), name, fill="black")  # true class (rows)
-            # predicted class (columns): names would overlap, so the index (rows say which is which)
-            draw.text((margin + i * cell + 2, margin - 12), str(i), fill="black")
+            draw.text((14, margin + i * cell + cell // 2 - 5), name, fill="black")  # true class (rows)
+            label = Image.new("RGB", (len(name) * 6 + 4, 12), "white")  # predicted class (columns), upwards
+            ImageDraw.Draw(label).text((2, 0), name, fill="black")
+            label = label.rotate(90, expand=True)
+            img.paste(label, (margin + i * cell + cell // 2 - 6, margin - label.height - 4))
+        draw.text((2, 2), "rows: true / columns: predicted", fill=(90, 90, 90))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -215,7 +222,10 @@ def main_eval(argv: list[str] | None = None) -> int:
     import math
     import sys
 
-    from maevit.train.common import labeled_for_rank, make_accelerator, setup_logging, usage_errors
+    from maevit.train.common import (
+        building_model, labeled_for_rank, make_accelerator, progress_bar, resolve_num_workers, setup_logging,
+        usage_errors,
+    )
 
     p = argparse.ArgumentParser(prog="maevit eval", description=main_eval.__doc__)
     p.add_argument("checkpoint", help="fine-tuning RUN_DIR or a classifier .safetensors")
@@ -223,22 +233,25 @@ def main_eval(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model name, for files that do not name theirs")
     p.add_argument("--img-size", type=int, default=None, help="default: the classifier's")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=None, help="default: min(4, CPUs - 1)")
     p.add_argument("--out", default=None, help="where to write eval.json + confusion.png (default: beside the checkpoint)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     acc = make_accelerator("fp32")
     try:
-        model, header = load_classifier(a.checkpoint, name=a.model, img_size=a.img_size)
+        with building_model():
+            model, header = load_classifier(a.checkpoint, name=a.model, img_size=a.img_size)
         model.to(acc.device)
         loader = labeled_for_rank(a.data, acc, img_size=int(model.img_size[0]), batch_size=a.batch_size, train=False,
-                                  num_workers=a.num_workers, seed=0,
+                                  num_workers=resolve_num_workers(a.num_workers), seed=0,
                                   **{k: tuple(header[k]) for k in ("mean", "std") if k in header})
+        names = header.get("class_names") or getattr(loader, "class_names", None) or None
+        bar = progress_bar(acc.is_main_process, len(loader), unit="batch", desc="evaluating")
+        res = evaluate_classifier(model, _with_bar(loader, bar), model.num_classes, accelerator=acc)
+        bar.close()
     except usage_errors() as e:
         print(f"maevit eval: error: {e}", file=sys.stderr)
         return 2
-    names = header.get("class_names") or getattr(loader, "class_names", None) or None
-    res = evaluate_classifier(model, loader, model.num_classes, accelerator=acc)
     if acc.is_main_process:
         print(format_report(res, names))
         ckpt = Path(a.checkpoint)
@@ -249,6 +262,12 @@ def main_eval(argv: list[str] | None = None) -> int:
             **res.summary(), "per_class": [None if math.isnan(v) else v for v in res.per_class.tolist()],
             "confusion": res.confusion.tolist(), "class_names": names, "data": a.data,
             "num_processes": acc.num_processes}, indent=1))
-        print(f"confusion matrix: {png}\nmetrics: {out_dir / 'eval.json'}")
+        print(f"confusion matrix  {png}\nmetrics           {out_dir / 'eval.json'}")
     acc.wait_for_everyone()
     return 0
+
+
+def _with_bar(loader, bar):
+    for item in loader:
+        yield item
+        bar.update(1)

@@ -27,9 +27,12 @@ from maevit.models import create_classifier
 from maevit.models.weights import header_of, save_weights, timm_load_line
 from maevit.train import runs
 from maevit.train.common import (
-    IMAGENET_MEAN, IMAGENET_STD, RunBase, StepGuard, batches_from, labeled_for_rank, make_accelerator, num_classes_of,
-    plan_schedule, progress_bar, run_recipe_command, start_trackers,
+    IMAGENET_MEAN, IMAGENET_STD, RunBase, StepGuard, TrainingInterrupted, batches_from, building_model,
+    check_resumable, describe_data, labeled_for_rank, log_memory_estimate, make_accelerator, num_classes_of,
+    plan_schedule, progress_bar,
+    report_progress, resolve_num_workers, run_recipe_command, start_trackers, stop_requested,
 )
+from maevit.train.curves import FINETUNE_PANELS, save_run_curves
 from maevit.train.evaluate import evaluate_classifier
 from maevit.train.optim import build_adamw, param_groups_layer_decay
 
@@ -63,7 +66,7 @@ class DataConfig:
     train: str = ""  # shard dir / pattern, class-per-folder tree, or "bundled[:split]"
     val: str | None = None  # evaluated after every `run.eval_every` epochs; None = no evaluation
     batch_size: int = 32  # per process (MAE: 1024 in all = 32 x 32 GPUs)
-    num_workers: int = 2
+    num_workers: int | None = None  # loader processes per rank; None: min(4, CPUs per process - 1)
     label_fraction: float | None = None  # e.g. 0.1: a fixed, class-balanced subset of the labels
     label_seed: int = 0  # picks that subset (independent of run.seed, so all runs share it)
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment m9 (timm spec); None = off
@@ -84,12 +87,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 100
+    epochs: int = 100  # length of the schedule (MAE: B 100, L / H 50)
     base_lr: float = 5e-4  # peak lr = base_lr x effective batch / 256 (MAE ViT-B: 5e-4)
     layer_decay: float = 0.65  # per-block lr factor (MAE: B 0.65, L / H 0.75); 1.0 = off
-    weight_decay: float = 0.05
-    warmup_epochs: float = 5.0
-    min_lr: float = 1e-6
+    weight_decay: float = 0.05  # not on biases, norms, position tables, tokens
+    warmup_epochs: float = 5.0  # linear warm-up, then per-step cosine decay
+    min_lr: float = 1e-6  # the lr at the end of the cosine
     accum_steps: int = 1  # gradient accumulation (effective batch = batch x processes x this)
     clip_grad: float | None = None  # max gradient norm; None = no clipping (MAE)
     max_steps: int | None = None  # stop early after this many optimizer steps (same schedule)
@@ -175,23 +178,28 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
     acc = make_accelerator(cfg.run.precision, o.accum_steps, cfg.run.dir)
     set_seed(cfg.run.seed)  # same init on every rank; numpy / random for Mixup too
-    common = dict(img_size=m.img_size, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.run.seed,
-                  mean=d.mean, std=d.std, max_pixels=d.max_pixels)
+    common = dict(img_size=m.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),
+                  seed=cfg.run.seed, mean=d.mean, std=d.std, max_pixels=d.max_pixels)
     train_loader = labeled_for_rank(d.train, acc, train=True, label_fraction=d.label_fraction,
                                     label_seed=d.label_seed, auto_augment=d.auto_augment, re_prob=d.re_prob, **common)
     val_loader = labeled_for_rank(d.val, acc, train=False, **common) if d.val else None
     num_classes = num_classes_of(m.num_classes, train_loader)
     class_names = list(getattr(train_loader, "class_names", None) or [])
-    model = create_classifier(m.name, num_classes, pretrained=m.pretrained, global_pool=m.global_pool,
-                              strict=m.strict, **m.overrides())
+    with building_model():
+        model = create_classifier(m.name, num_classes, pretrained=m.pretrained, global_pool=m.global_pool,
+                                  strict=m.strict, **m.overrides())
+    check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     start_trackers(acc, cfg)
     logger.info("%s", model.load_report or f"model.pretrained is not set: training {model.model_name} from scratch")
+    logger.info("%s", describe_data(train_loader, d.batch_size, acc.num_processes, d.label_fraction, d.label_seed))
 
     eff_batch = d.batch_size * acc.num_processes * o.accum_steps
     sched = plan_schedule(epochs=o.epochs, batches_per_epoch=len(train_loader), accum_steps=o.accum_steps,
                           warmup_epochs=o.warmup_epochs, base_lr=o.base_lr, effective_batch=eff_batch,
                           min_lr=o.min_lr, max_steps=o.max_steps)
+    if acc.is_main_process:
+        log_memory_estimate(acc, model, (d.batch_size, model.in_chans, *model.img_size), cfg.run.precision)
     model.to(acc.device)
     optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay), sched.peak_lr,
                             o.weight_decay, betas=(0.9, 0.999))
@@ -212,9 +220,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     skips = runs.SkipTally(acc, train_loader, state.get("skipped"))  # bad samples by kind, all ranks, since step 0
     metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process,
                                  resume_step=step if ckpt is not None else None)
-    logger.info("fine-tuning %s: %d classes, effective batch %d, lr %.3g, %d steps/epoch, %d steps",
-                model.model_name if hasattr(model, "model_name") else m.name, num_classes, eff_batch, sched.peak_lr,
-                sched.steps_per_epoch, sched.total_steps)
+    logger.info("fine-tuning %s: %d classes, effective batch %d, peak lr %.3g after %d warm-up steps, %d steps/epoch, "
+                "%d steps%s", model.model_name if hasattr(model, "model_name") else m.name, num_classes, eff_batch,
+                sched.peak_lr, sched.warmup_steps, sched.steps_per_epoch, sched.total_steps,
+                f" (stopping at {sched.last_step})" if sched.last_step < sched.total_steps else "")
 
     def checkpoint() -> None:
         state.update(step=step, epoch=epoch, batch=batch, nonfinite_steps=int(guard.bad_total.item()),
@@ -227,6 +236,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             for p in run.checkpoints_dir.glob("ema-*.safetensors"):
                 if int(p.stem.split("-")[1]) not in kept:
                     p.unlink()
+        if acc.is_main_process:
+            save_run_curves(run.root, FINETUNE_PANELS)
 
     guard = StepGuard(acc.device, state["nonfinite_steps"])
     advice = (f"Try a lower optim.base_lr (now {o.base_lr}), optim.clip_grad=1.0, or run.precision=fp32; then resume "
@@ -235,7 +246,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result, t0, step_t0 = None, time.perf_counter(), step
     bar = progress_bar(cfg.run.progress and acc.is_main_process, sched.last_step, step)
     batches_per_epoch = sched.steps_per_epoch * o.accum_steps  # a ragged tail of micro-batches is skipped
-    while step < sched.last_step:
+    stopping = False
+    while step < sched.last_step and not stopping:
         model.train()
         for x, y in batches_from(train_loader, epoch, batch):
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)  # [B,C,H,W], [B]
@@ -264,16 +276,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 metrics.log(step, **row, skipped=skipped)
                 acc.log({**{f"train/{k}": v for k, v in row.items()},
                          **{f"train/skipped_{k}": v for k, v in skipped.items()}}, step=step)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if acc.is_main_process:
+                    report_progress(bar, step, sched.last_step, epoch=row["epoch"], loss=row["loss"], lr=row["lr"],
+                                    img_s=rate)
                 t0, step_t0 = time.perf_counter(), step
-            if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == sched.last_step:
+            # Ctrl-C on any rank: every rank saves and stops after this step (at the last step: the run ends anyway)
+            stopping = stop_requested(acc) and step < sched.last_step
+            if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == sched.last_step or stopping:
                 checkpoint()
-            if step >= sched.last_step or batch >= batches_per_epoch:
+            if stopping or step >= sched.last_step or batch >= batches_per_epoch:
                 break
         else:
             batch = batches_per_epoch  # the stream ended
-        if batch < batches_per_epoch:
-            break  # stopped inside the epoch (optim.max_steps)
+        if stopping or batch < batches_per_epoch:
+            break  # Ctrl-C, or stopped inside the epoch (optim.max_steps)
         epoch, batch = epoch + 1, 0
         if val_loader is not None and (epoch % cfg.run.eval_every == 0 or step >= sched.last_step):
             result, row = _evaluate(acc, model, ema, val_loader, num_classes)
@@ -285,6 +301,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     bar.close()
     metrics.close()
     skipped = skips.report()
+    if stopping:
+        acc.end_training()
+        run.unlock()
+        raise TrainingInterrupted(step, run.checkpoints_dir / f"{runs.CKPT_PREFIX}{step:08d}")
 
     if val_loader is not None and result is None:  # stopped mid-epoch or resumed at the end
         result, _ = _evaluate(acc, model, None, val_loader, num_classes)
@@ -293,6 +313,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         export_classifier(acc.unwrap_model(model), out_path, header)
         if ema is not None:
             export_classifier(ema.module, run.root / "classifier_ema.safetensors", header)
+        save_run_curves(run.root, FINETUNE_PANELS)
     acc.wait_for_everyone()
     acc.end_training()
     run.unlock()
@@ -302,6 +323,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "top1": result.top1 if result else None, "top5": result.top5 if result else None,
         "run_dir": str(run.root), "classifier": str(out_path), "resumed_from": str(ckpt) if ckpt else None,
         "num_processes": acc.num_processes, "timm_line": timm_load_line(header, out_path),
+        "curves": str(run.root / "curves.png") if (run.root / "curves.png").is_file() else None,
     }
 
 
@@ -310,9 +332,11 @@ def _summary(r: dict[str, Any]) -> str:
     if r["top1"] is not None:
         lines.append(f"  validation       top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     lines += [f"  run directory    {r['run_dir']}", f"  classifier       {r['classifier']}"]
+    if r.get("curves"):
+        lines.append(f"  curves           {r['curves']}")
     if r.get("timm_line"):
         lines.append(f"  in timm          {r['timm_line']}")
-    lines.append(f"next: maevit eval {r['run_dir']} --data LABELED_VAL")
+    lines.append(f"next: maevit eval {r['run_dir']} --data LABELED_VAL   (per-class accuracy, confusion matrix)")
     return "\n".join(lines)
 
 

@@ -27,9 +27,12 @@ from maevit.models import create_mae, export_encoder
 from maevit.models.weights import header_of
 from maevit.train import runs
 from maevit.train.common import (
-    IMAGENET_MEAN, IMAGENET_STD, NonFiniteLossError, RunBase, StepGuard, batches_from, make_accelerator,
-    plan_schedule, progress_bar, run_recipe_command, start_trackers,
+    IMAGENET_MEAN, IMAGENET_STD, NonFiniteLossError, RunBase, StepGuard, TrainingInterrupted, batches_from,
+    building_model, check_resumable, describe_data, log_memory_estimate, make_accelerator, plan_schedule,
+    progress_bar, report_progress,
+    resolve_num_workers, run_recipe_command, start_trackers, stop_requested,
 )
+from maevit.train.curves import PRETRAIN_PANELS, save_run_curves
 from maevit.train.optim import build_adamw
 
 logger = logging.getLogger("maevit.pretrain")
@@ -40,14 +43,14 @@ __all__ = ["PretrainConfig", "train", "main", "NonFiniteLossError"]
 class ModelConfig:
     name: str = "mae_vit_base_patch16"  # a registered model (`maevit models`)
     img_size: int = 224  # input side in pixels (also the crop size of the data)
-    patch_size: int | None = None  # shorthands for common encoder arguments; None: the model's own
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
+    patch_size: int | None = None  # pixel side of a patch; None: the model's own
+    embed_dim: int | None = None  # encoder width; None: the model's own
+    depth: int | None = None  # encoder blocks; None: the model's own
+    num_heads: int | None = None  # attention heads; None: the model's own
     args: dict[str, Any] = field(default_factory=dict)  # more encoder arguments, e.g. {pos_encoding: rope}
     decoder_embed_dim: int | None = None  # decoder size; None: the size registered with the model
-    decoder_depth: int | None = None
-    decoder_num_heads: int | None = None
+    decoder_depth: int | None = None  # decoder blocks; None: the registered size
+    decoder_num_heads: int | None = None  # decoder heads; None: the registered size
     mask_ratio: float = 0.75  # fraction of mask units removed (MAE: 0.75)
     norm_pix_loss: bool = True  # per-patch normalised pixel targets (MAE's recipe)
 
@@ -61,12 +64,12 @@ class ModelConfig:
 class DataConfig:
     train: str = ""  # shard dir / pattern / URL, image folder, or "bundled"
     batch_size: int = 64  # per process; effective batch = this x processes x optim.accum_steps
-    num_workers: int = 4  # loader processes per rank
+    num_workers: int | None = None  # loader processes per rank; None: min(4, CPUs per process - 1)
     mode: Literal["exact", "resampled"] = "exact"  # exact epochs, or sample shards with replacement
     samples_per_epoch: int | None = None  # resampled mode: epoch length (None: dataset size)
     shuffle_buffer: int = 1000  # samples in the shuffle buffer of each worker
     mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation of the input images
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[float, float, float] = IMAGENET_STD  # (use the same mean / std when fine-tuning)
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE)
     allow_pipe: bool = False  # allow `pipe:` shard URLs (they run shell commands)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped and counted (64 MP); None: no limit
@@ -74,6 +77,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (or null: automatic), got {self.num_workers}")
 
 
 @dataclass
@@ -81,9 +86,9 @@ class OptimConfig:
     epochs: int = 800  # length of the schedule (MAE: 800 or 1600)
     base_lr: float = 1.5e-4  # lr = base_lr x effective batch / 256
     weight_decay: float = 0.05  # not on biases, norms, position tables, tokens
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE: 0.9, 0.95)
     warmup_epochs: float = 40.0  # linear warm-up, then per-step cosine decay
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # the lr at the end of the cosine
     clip_grad: float | None = None  # max gradient norm; None: no clipping
     accum_steps: int = 1  # gradient accumulation (micro-batches per optimizer step)
     max_steps: int | None = None  # stop early after this many optimizer steps (the schedule still spans `epochs`)
@@ -130,7 +135,7 @@ def _loader(cfg: PretrainConfig, acc, **kw):
 
     d = cfg.data
     args = dict(
-        img_size=cfg.model.img_size, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.run.seed,
+        img_size=cfg.model.img_size, batch_size=d.batch_size, num_workers=d.num_workers or 0, seed=cfg.run.seed,
         rank=acc.process_index, world_size=acc.num_processes, mode=d.mode, samples_per_epoch=d.samples_per_epoch,
         shuffle_buffer=d.shuffle_buffer, mean=d.mean, std=d.std, scale=d.scale, allow_pipe=d.allow_pipe,
         pin_memory=acc.device.type == "cuda", max_pixels=d.max_pixels,
@@ -175,11 +180,16 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     acc = make_accelerator(cfg.run.precision, cfg.optim.accum_steps, cfg.run.dir)
     logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device, cfg.run.precision)
     set_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
-    model = create_mae(cfg.model.name, **cfg.model.overrides())  # before open_run: a bad name changes no files
+    with building_model():  # before open_run: a bad name or size changes no files
+        model = create_mae(cfg.model.name, **cfg.model.overrides())
+    check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
+    workers = resolve_num_workers(cfg.data.num_workers)
+    loader = _loader(cfg, acc, num_workers=workers)  # before open_run too: a bad data source changes no files
+    sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
+    probe = _probe_loaders(cfg, acc) if cfg.run.probe_every and not sharded else None
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     start_trackers(acc, cfg)
-    loader = _loader(cfg, acc)
-    sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
+    logger.info("%s", describe_data(loader, cfg.data.batch_size, acc.num_processes))
     if sharded and (cfg.run.viz_every or cfg.run.probe_every):  # both need the whole model on one process
         logger.warning("reconstruction grids and the online probe are off under %s; use `maevit visualize RUN_DIR`",
                        acc.distributed_type.value)
@@ -187,13 +197,15 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.run.viz_every and acc.is_main_process and not sharded:  # a fixed set: whole images, first batch
         viz_imgs = next(iter(_loader(cfg, acc, batch_size=cfg.run.viz_images, num_workers=0, rank=0, world_size=1,
                                      scale=(1.0, 1.0), shuffle_buffer=cfg.run.viz_images)))
-    probe = _probe_loaders(cfg, acc) if cfg.run.probe_every and not sharded else None
 
     o = cfg.optim
     eff_batch = cfg.data.batch_size * acc.num_processes * o.accum_steps
     sched = plan_schedule(epochs=o.epochs, batches_per_epoch=len(loader), accum_steps=o.accum_steps,
                           warmup_epochs=o.warmup_epochs, base_lr=o.base_lr, effective_batch=eff_batch,
                           min_lr=o.min_lr, max_steps=o.max_steps)
+    if acc.is_main_process:
+        log_memory_estimate(acc, model, (cfg.data.batch_size, model.encoder.in_chans, *model.encoder.img_size),
+                            cfg.run.precision)
     optimizer = build_adamw(model.to(acc.device), sched.peak_lr, o.weight_decay, o.betas)
     if cfg.run.compile:
         model.compile()  # in place: parameter names stay the same (no "_orig_mod.")
@@ -210,17 +222,28 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     skips = runs.SkipTally(acc, loader, state.get("skipped"))  # bad samples by kind, all ranks, since step 0
     metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process,
                                  resume_step=step if ckpt is not None else None)
-    logger.info("effective batch %d (= %d x %d processes x %d accumulation), lr %.3g, %d steps/epoch, %d steps%s",
-                eff_batch, cfg.data.batch_size, acc.num_processes, o.accum_steps, sched.peak_lr,
-                sched.steps_per_epoch, sched.total_steps,
+    logger.info("effective batch %d (= %d x %d processes x %d accumulation), peak lr %.3g after %d warm-up steps, "
+                "%d steps/epoch, %d steps%s", eff_batch, cfg.data.batch_size, acc.num_processes, o.accum_steps,
+                sched.peak_lr, sched.warmup_steps, sched.steps_per_epoch, sched.total_steps,
                 f" (stopping at {sched.last_step})" if sched.last_step < sched.total_steps else "")
 
     guard = StepGuard(acc.device, state["nonfinite_steps"])
     summary: dict[str, Any] = {"loss": float("nan"), "images_per_sec": 0.0}
+    knn: dict[str, float] = {}
+
+    def run_probe() -> None:
+        knn.update(knn_accuracy(acc.unwrap_model(model).encoder, *probe, k=cfg.run.probe_k, accelerator=acc))
+        metrics.log(step, **knn)
+        acc.log({f"probe/{k}": v for k, v in knn.items()}, step=step)
+        logger.info("kNN probe at step %d: top-1 %.2f%%  top-5 %.2f%%", step, knn["knn_top1"], knn["knn_top5"])
+
     bar = progress_bar(cfg.run.progress and acc.is_main_process, sched.last_step, step)
     t_log, step_log, saved_at = time.perf_counter(), step, step if ckpt is not None else -1
     batches_per_epoch = sched.steps_per_epoch * o.accum_steps  # a ragged tail of micro-batches is skipped
-    while step < sched.last_step:
+    stopping = False
+    if probe is not None and step == 0:
+        run_probe()  # the baseline: the randomly initialised encoder
+    while step < sched.last_step and not stopping:
         if batch >= batches_per_epoch:  # also after a resume at the very end of an epoch
             epoch, batch = epoch + 1, 0
         for imgs in batches_from(loader, epoch, batch):
@@ -238,27 +261,33 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             if step % cfg.run.log_every == 0 or step == sched.last_step:
                 row = guard.read(acc, cfg.run.max_nonfinite, _advice(cfg))
                 img_s = eff_batch * (step - step_log) / (time.perf_counter() - t_log)
-                summary = _log(acc, metrics, bar, step, epoch + batch / len(loader), optimizer, row, img_s,
-                               skips.totals())
+                summary = _log(acc, metrics, bar, step, sched.last_step, epoch + batch / len(loader), optimizer, row,
+                               img_s, skips.totals())
                 t_log, step_log = time.perf_counter(), step
             if viz_imgs is not None and (step % cfg.run.viz_every == 0 or step == sched.last_step):
                 _save_grid(acc, model, viz_imgs, cfg, run.images_dir / f"recon-{step:08d}.png")
             if probe is not None and (step % cfg.run.probe_every == 0 or step == sched.last_step):
-                knn = knn_accuracy(acc.unwrap_model(model).encoder, *probe, k=cfg.run.probe_k, accelerator=acc)
-                metrics.log(step, **knn)
-                acc.log({f"probe/{k}": v for k, v in knn.items()}, step=step)
-            if step % cfg.run.ckpt_every == 0 or step == sched.last_step:
+                run_probe()
+            # Ctrl-C on any rank: every rank saves and stops after this step (at the last step: the run ends anyway)
+            stopping = stop_requested(acc) and step < sched.last_step
+            if step % cfg.run.ckpt_every == 0 or step == sched.last_step or stopping:
                 state.update(step=step, epoch=epoch, batch=batch, nonfinite_steps=int(guard.bad_total.item()),
                              skipped=skips.totals(), model=header)
                 runs.save_checkpoint(acc, run, step, state, keep_last=cfg.run.keep_last, generators={"mask": mask_gen})
                 saved_at = step
-            if step >= sched.last_step or batch >= batches_per_epoch:
+                if acc.is_main_process:
+                    save_run_curves(run.root, PRETRAIN_PANELS)
+            if stopping or step >= sched.last_step or batch >= batches_per_epoch:
                 break
         else:
             batch = batches_per_epoch  # the stream ended
     bar.close()
     metrics.close()
     skipped = skips.report()
+    if stopping:
+        acc.end_training()
+        run.unlock()
+        raise TrainingInterrupted(step, run.checkpoints_dir / f"{runs.CKPT_PREFIX}{step:08d}")
 
     encoder_path = run.root / "encoder.safetensors"
     full_sd = acc.get_state_dict(model)  # collective under FSDP / DeepSpeed: every rank calls it
@@ -269,19 +298,24 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
     acc.end_training()
     run.unlock()
-    return {**summary, "step": step, "epoch": epoch, "nonfinite_steps": int(guard.bad_total.item()), "skipped": skipped,
+    return {**summary, **knn, "step": step, "epoch": epoch, "nonfinite_steps": int(guard.bad_total.item()),
+            "skipped": skipped,
             "resumed_from": str(ckpt) if ckpt else None, "run_dir": str(run.root), "encoder": str(encoder_path),
-            "last_checkpoint": saved_at, "num_processes": acc.num_processes}
+            "last_checkpoint": saved_at, "num_processes": acc.num_processes,
+            "curves": str(run.root / "curves.png") if (run.root / "curves.png").is_file() else None}
 
 
-def _log(acc, metrics, bar, step, epoch, optimizer, row, img_per_sec, skipped: dict[str, int]) -> dict[str, Any]:
-    """One metrics row (already reduced over ranks) to metrics.jsonl, the tracker and the bar."""
+def _log(acc, metrics, bar, step, last_step, epoch, optimizer, row, img_per_sec,
+         skipped: dict[str, int]) -> dict[str, Any]:
+    """One metrics row (already reduced over ranks) to metrics.jsonl, the tracker and the bar (or the log)."""
     row = {"epoch": round(epoch, 4), "loss": row["loss"], "lr": optimizer.param_groups[0]["lr"],
            "images_per_sec": round(img_per_sec, 2), "nonfinite_steps": row["nonfinite_steps"]}
     metrics.log(step, **row, skipped=skipped)  # bad samples skipped since step 0, by kind
     acc.log({**{f"train/{k}": v for k, v in row.items()}, **{f"train/skipped_{k}": v for k, v in skipped.items()}},
             step=step)
-    bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{img_per_sec:.0f}")
+    if acc.is_main_process:
+        report_progress(bar, step, last_step, epoch=epoch, loss=row["loss"], lr=row["lr"], img_s=img_per_sec,
+                        skipped=row["nonfinite_steps"] or None)
     return row
 
 
@@ -297,11 +331,16 @@ def _save_grid(acc, model, imgs, cfg: PretrainConfig, path: Path) -> None:
 
 
 def _summary(result: dict[str, Any]) -> str:
-    return (f"pretraining done at step {result['step']} (last logged loss {result['loss']:.4f})\n"
-            f"  run directory    {result['run_dir']}\n"
-            f"  encoder weights  {result['encoder']}\n"
-            f"next: maevit visualize {result['run_dir']} --out recon.png    |    "
-            f"maevit finetune model.pretrained={result['run_dir']} data.train=LABELED ...")
+    lines = [f"pretraining done at step {result['step']} (last logged loss {result['loss']:.4f})"]
+    if "knn_top1" in result:
+        lines.append(f"  kNN probe        top-1 {result['knn_top1']:.2f}%  top-5 {result['knn_top5']:.2f}%")
+    lines += [f"  run directory    {result['run_dir']}", f"  encoder weights  {result['encoder']}"]
+    if result.get("curves"):
+        lines.append(f"  curves           {result['curves']}")
+    lines += ["next:", f"  maevit visualize {result['run_dir']} --out recon.png",
+              f"  maevit finetune model.pretrained={result['run_dir']} data.train=LABELED data.val=LABELED_VAL",
+              f"  maevit probe model.pretrained={result['run_dir']} data.train=LABELED data.val=LABELED_VAL"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ from maevit.config import ConfigError
 from maevit.models import create_classifier
 from maevit.train import runs
 from maevit.train.common import (
-    IMAGENET_MEAN, IMAGENET_STD, Precision, labeled_for_rank, make_accelerator, num_classes_of, run_recipe_command,
+    IMAGENET_MEAN, IMAGENET_STD, Precision, building_model, clip_warmup, describe_data, labeled_for_rank,
+    make_accelerator, num_classes_of, progress_bar, resolve_num_workers, run_recipe_command, start_trackers,
 )
 from maevit.train.evaluate import evaluate_classifier
 from maevit.train.knn import encoder_features, extract_features
@@ -33,41 +34,41 @@ class ProbeModelConfig:
     name: str | None = None  # registered name; None: the one `pretrained` names
     pretrained: str | None = None  # None = a randomly initialised encoder (a baseline)
     global_pool: Literal["token", "avg"] = "token"  # MAE's probe uses the class token (families without one: avg)
-    img_size: int = 224
-    num_classes: int | None = None
+    img_size: int = 224  # input side in pixels (position tables are resampled)
+    num_classes: int | None = None  # default: the number of classes in data.train
     args: dict[str, Any] = field(default_factory=dict)  # encoder arguments on top of the file's
 
 
 @dataclass
 class ProbeDataConfig:
-    train: str = ""
-    val: str | None = None
+    train: str = ""  # labeled source: shards with .cls, class-per-folder tree, or "bundled:train"
+    val: str | None = None  # evaluated at the end; None = no evaluation
     batch_size: int = 256  # per process (MAE: 16384 in all)
-    num_workers: int = 2
-    label_fraction: float | None = None
-    label_seed: int = 0
-    mean: tuple[float, float, float] = IMAGENET_MEAN
+    num_workers: int | None = None  # loader processes per rank; None: min(4, CPUs per process - 1)
+    label_fraction: float | None = None  # e.g. 0.1: a fixed, class-balanced subset of the labels
+    label_seed: int = 0  # picks that subset
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: use the pretraining's
     std: tuple[float, float, float] = IMAGENET_STD
     augment: bool = False  # RandomResizedCrop + flip each epoch (published); False: features computed once
 
 
 @dataclass
 class ProbeOptimConfig:
-    epochs: int = 90
+    epochs: int = 90  # MAE: 90 (ViT-B), 50 (ViT-L / H)
     # LARS peak lr, the same at every batch size: the published 0.1 x 16384 / 256. LARS's trust
     # ratio sets each layer's step from |w| / |grad|, so scaling the lr down with the batch (as
     # for AdamW) starves small-batch probes (CIFAR-10 at batch 256: 35.6% at 0.1, 52.4% at 10)
     lr: float = 6.4
-    weight_decay: float = 0.0
-    warmup_epochs: float = 10.0
-    min_lr: float = 0.0
+    weight_decay: float = 0.0  # MAE's probe: none
+    warmup_epochs: float = 10.0  # linear warm-up, then cosine; clipped to a tenth of short schedules
+    min_lr: float = 0.0  # the lr at the end of the cosine
 
 
 @dataclass
 class ProbeRunConfig:
-    dir: str = "runs/probe"
+    dir: str = "runs/probe"  # run directory: config, metrics, probe head, TensorBoard
     seed: int = 0
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # bf16 on recent GPUs; fp32 on CPU
     fresh: bool = True  # probes are short; a rerun starts over (the old one is moved aside)
 
 
@@ -139,7 +140,8 @@ def train_linear_head(
     Returns the mean loss of each epoch.
     """
     opt = build_lars(head, lr, weight_decay)
-    total, warm = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    total = epochs * steps_per_epoch
+    warm = clip_warmup(round(warmup_epochs * steps_per_epoch), total, warmup_epochs, epochs)
     step, hist = 0, []
     for epoch in range(epochs):
         head.train()
@@ -173,25 +175,41 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
 
     if not cfg.data.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
-    acc = make_accelerator(cfg.run.precision)
+    acc = make_accelerator(cfg.run.precision, run_dir=cfg.run.dir)
     set_seed(cfg.run.seed)
     d, o = cfg.data, cfg.optim
-    common = dict(img_size=cfg.model.img_size, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.run.seed,
-                  mean=d.mean, std=d.std)
+    common = dict(img_size=cfg.model.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),
+                  seed=cfg.run.seed, mean=d.mean, std=d.std)
     train_loader = labeled_for_rank(d.train, acc, train=d.augment, label_fraction=d.label_fraction,
                                     label_seed=d.label_seed, **common,
                                     **({"auto_augment": None, "re_prob": 0.0} if d.augment else {}))
     num_classes = num_classes_of(cfg.model.num_classes, train_loader)
-    encoder = create_classifier(cfg.model.name, 0, pretrained=cfg.model.pretrained, global_pool=cfg.model.global_pool,
-                                img_size=cfg.model.img_size, **cfg.model.args)
+    with building_model():
+        encoder = create_classifier(cfg.model.name, 0, pretrained=cfg.model.pretrained,
+                                    global_pool=cfg.model.global_pool, img_size=cfg.model.img_size, **cfg.model.args)
+    val_loader = labeled_for_rank(d.val, acc, train=False, **common) if d.val else None  # a bad source: no files
     run, _ = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
+    start_trackers(acc, cfg)
     logger.info("%s", encoder.load_report or "model.pretrained is not set: probing a randomly initialised encoder")
+    logger.info("%s", describe_data(train_loader, d.batch_size, acc.num_processes, d.label_fraction, d.label_seed))
     model = LinearProbe(encoder, num_classes).to(acc.device)
     metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process)
-    log = lambda e, loss: metrics.log(e + 1, epoch=e + 1, loss=loss)  # noqa: E731
+    show = acc.is_main_process
+    bar = progress_bar(show, o.epochs, unit="epoch", desc="probe")
+
+    def log(e: int, loss: float) -> None:
+        metrics.log(e + 1, epoch=e + 1, loss=loss)
+        acc.log({"probe/loss": loss}, step=e + 1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if bar.disable and show and ((e + 1) % 10 == 0 or e + 1 == o.epochs):
+            logger.info("epoch %d/%d  loss %.4f", e + 1, o.epochs, loss)
 
     if not d.augment:
-        feats, labels = extract_features(model.encoder, train_loader, accelerator=acc)  # all ranks: all samples
+        batches = progress_bar(show, len(train_loader), unit="batch", desc="features")
+        # all ranks: all samples
+        feats, labels = extract_features(model.encoder, _counted(train_loader, batches), accelerator=acc)
+        batches.close()
         feats, labels = feats.to(acc.device), labels.to(acc.device)
         eff_batch = d.batch_size * acc.num_processes
         n = feats.shape[0]
@@ -222,28 +240,40 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
                                  warmup_epochs=o.warmup_epochs, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                  on_epoch=log)
         model.head = acc.unwrap_model(head)
+    bar.close()
+    head_path = run.root / "probe_head.safetensors"
     out: dict[str, Any] = {"losses": hist, "top1": None, "top5": None, "run_dir": str(run.root),
-                           "num_processes": acc.num_processes}
-    if d.val:
-        val_loader = labeled_for_rank(d.val, acc, train=False, **common)
-        res = evaluate_classifier(model, val_loader, num_classes, accelerator=acc)
+                           "num_processes": acc.num_processes, "head": str(head_path)}
+    if val_loader is not None:
+        batches = progress_bar(show, len(val_loader), unit="batch", desc="validation")
+        res = evaluate_classifier(model, _counted(val_loader, batches), num_classes, accelerator=acc)
+        batches.close()
         out.update(top1=res.top1, top5=res.top5)
         metrics.log(o.epochs, **{f"val_{k}": v for k, v in res.summary().items()})
-        if acc.is_main_process:
-            logger.info("linear probe: val top-1 %.2f%%  top-5 %.2f%%", res.top1, res.top5)
+        acc.log({"probe/val_top1": res.top1, "probe/val_top5": res.top5}, step=o.epochs)
     metrics.close()
     if acc.is_main_process:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous().cpu() for k, v in model.head.state_dict().items()}, str(run.root / "probe_head.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in model.head.state_dict().items()}, str(head_path))
     acc.wait_for_everyone()
+    acc.end_training()
     run.unlock()
     return out
 
 
+def _counted(loader, bar):
+    """Iterate ``loader``, advancing ``bar`` by one per batch."""
+    for item in loader:
+        yield item
+        bar.update(1)
+
+
 def _summary(r: dict[str, Any]) -> str:
     top = f"val top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%" if r["top1"] is not None else "no data.val given"
-    return f"linear probe done: {top}\n  run directory    {r['run_dir']}"
+    loss = f" (final training loss {r['losses'][-1]:.4f})" if r["losses"] else ""
+    return (f"linear probe done: {top}{loss}\n  run directory    {r['run_dir']}\n  probe head       {r['head']}\n"
+            f"  metrics          {r['run_dir']}/metrics.jsonl")
 
 
 def main_probe(argv: list[str] | None = None) -> int:
