@@ -27,8 +27,15 @@ Architecture (the authors'):
   multiplier ``C_{s+1} / C_s``) halves the grid;
 - global average pooling, LayerNorm, linear head.
 
-Masked pretraining (mask unit = the coarsest stride, 32 px; one decoder token
-per unit, so ``patch_size = 32`` as in Hiera):
+Masked pretraining (mask unit = the coarsest stride, 32 px). The reconstruction
+target is one 32 px patch per unit (``patch_size = 32``): the final-stage tokens
+are the only ones every parameter feeds, and the shared decoder takes one token
+per patch. A finer target would need tokens the architecture does not have at
+stride 32. Hiera's MAE gets 16 px targets by not pooling before its last stage
+during pretraining; here that would be the last pooling conv run at stride 1 (4x
+the last stage's pretraining cost, and a stride change between pretraining and
+fine-tuning): not done. The cost of the simple choice: each decoder token
+predicts 32 x 32 x 3 values, so reconstructions are coarse.
 
 - stem: dense-with-masking. The image is multiplied by the visible map before
   conv1; each BatchNorm takes its statistics over visible positions only
@@ -399,7 +406,7 @@ class SReTEncoder(EncoderMixin, nn.Module):
                              f"stride and mask unit), got {img_size[0]}x{img_size[1]}")
         self.in_chans = in_chans
         self.img_size = img_size
-        self.patch_size = stride  # one decoder token per mask unit (the final stride), as Hiera
+        self.patch_size = stride  # one decoder token per mask unit (the final stride)
         self.mask_unit = stride
         self.strides = tuple(8 * 2**s for s in range(n))
         self.embed_dims = tuple(embed_dims)
