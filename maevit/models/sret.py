@@ -306,7 +306,12 @@ class SReTStage(nn.Module):
                           norm_layer) for j in range(recursions)
         ])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, ids: torch.Tensor | None = None,
+                ids_out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, N, C_in]`` (on the previous stage's ``grid``, at ``ids`` when masked) -> ``[B, N', C]``
+        (at ``ids_out`` of this stage's grid when masked)."""
+        if self.downsample is not None:
+            x = self.downsample(x, grid, ids, ids_out)
         for unit in self.units:
             x = unit(x)
         return x
@@ -459,10 +464,10 @@ class SReTEncoder(EncoderMixin, nn.Module):
     def _stages(self, x: torch.Tensor, ids: list[torch.Tensor] | None) -> torch.Tensor:
         """Stages over tokens ``x [B, N_0, C_0]`` (all, or the visible ones at ``ids[0]``) -> ``[B, N, D]``."""
         for s, stage in enumerate(self.stages):
-            if stage.downsample is not None:
-                x = stage.downsample(x, self._grid(s - 1), None if ids is None else ids[s - 1],
-                                     None if ids is None else ids[s])
-            x = stage(x)
+            if s == 0:
+                x = stage(x)
+            else:
+                x = stage(x, self._grid(s - 1), None if ids is None else ids[s - 1], None if ids is None else ids[s])
         return self.norm(x)
 
     def _embed(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
