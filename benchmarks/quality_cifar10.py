@@ -68,6 +68,9 @@ def main() -> None:
     p.add_argument("--model", default="mae_vit_tiny_patch16", help="registered name (`maevit models`)")
     p.add_argument("--model-args", default=None,
                    help='encoder arguments as JSON (default for ViTs: {"patch_size": 4, "depth": 6})')
+    p.add_argument("--img-size", type=int, default=32,
+                   help="model input size; CIFAR's 32 px images are resized to it (64 for SReT: 32 px mask units)")
+    p.add_argument("--decoder", default="128,2,4", help="MAE decoder width,depth,heads")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="comma list of stages to run: pretrain,ft,probe,knn")
     a = p.parse_args()
@@ -97,16 +100,18 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {value}", flush=True)
 
     model_args = json.loads(a.model_args) if a.model_args else {"patch_size": 4, "depth": 6}
-    arch = [f"model.name={a.model}", "model.img_size=32", f"model.args={json.dumps(model_args)}"]
+    arch = [f"model.name={a.model}", f"model.img_size={a.img_size}", f"model.args={json.dumps(model_args)}"]
     enc_path = out / "pretrain" / "encoder.safetensors"
     threads = torch.get_num_threads()
     save("budget", dict(per_class=a.per_class, test_per_class=a.test_per_class, pretrain_epochs=a.pretrain_epochs,
-                        ft_epochs=a.ft_epochs, model=a.model, model_args=model_args, threads=threads))
+                        ft_epochs=a.ft_epochs, model=a.model, model_args=model_args, img_size=a.img_size,
+                        decoder=a.decoder, threads=threads))
 
     if "pretrain" in stages and not enc_path.is_file():
         t = time.time()
         cfg = load_config(pt.PretrainConfig, None, [
-            *arch, "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
+            *arch, *(f"model.decoder_{k}={v}" for k, v in zip(("embed_dim", "depth", "num_heads"),
+                                                               a.decoder.split(","))),
             f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
             f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
             f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
@@ -127,7 +132,8 @@ def main() -> None:
         t = time.time()
         # from the pretraining run, the file says the architecture; from scratch, the same name and arguments
         ov = [
-            *(["model.name=null", "model.img_size=32", f"model.pretrained={pretrained}"] if pretrained else arch),
+            *(["model.name=null", f"model.img_size={a.img_size}", f"model.pretrained={pretrained}"] if pretrained
+              else arch),
             "model.drop_path=0.1",
             f"data.train={train}", f"data.val={test}", "data.batch_size=64", f"data.num_workers={a.workers}",
             f"data.label_fraction={fraction if fraction else 'null'}",
@@ -145,7 +151,7 @@ def main() -> None:
         if "probe" in stages and f"probe_{enc_name}" not in results:
             t = time.time()
             res = probe(load_config(ProbeConfig, None, [
-                *([f"model.pretrained={src}", "model.img_size=32"] if src else arch),
+                *([f"model.pretrained={src}", f"model.img_size={a.img_size}"] if src else arch),
                 f"data.train={train}", f"data.val={test}", "data.batch_size=256", f"data.num_workers={a.workers}",
                 f"optim.epochs={a.probe_epochs}", "optim.warmup_epochs=5", f"run.dir={out / ('probe_' + enc_name)}",
             ]))
@@ -162,9 +168,9 @@ def main() -> None:
 
             Accelerator(cpu=True)
             t = time.time()
-            enc = create_classifier(None if src else a.model, 0, pretrained=src, img_size=32, global_pool=pool,
-                                    **({} if src else model_args))
-            kw = dict(img_size=32, batch_size=256, train=False, num_workers=a.workers)
+            enc = create_classifier(None if src else a.model, 0, pretrained=src, img_size=a.img_size,
+                                    global_pool=pool, **({} if src else model_args))
+            kw = dict(img_size=a.img_size, batch_size=256, train=False, num_workers=a.workers)
             res = knn_accuracy(enc, labeled_loader(str(train), **kw), labeled_loader(str(test), **kw), k=20, T=0.07)
             save(key, dict(top1=res["knn_top1"], top5=res["knn_top5"], minutes=round((time.time() - t) / 60, 1)))
 
