@@ -92,3 +92,18 @@ def test_bad_arguments_are_clear_errors():
         create_encoder(NAME, **SMALL, mae_q_pool=0)
     with pytest.raises(ValueError, match="mae_q_pool=4"):
         create_encoder(NAME, **SMALL, mae_q_pool=4)
+
+
+def test_mask_token_reference_path_hides_masked_pixels_and_reads_out_the_same_tokens():
+    enc = create_encoder(NAME, **SMALL).eval()
+    x = torch.randn(2, 3, 128, 128)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
+    mask = create_mae(NAME, **SMALL, decoder_depth=1).random_mask(2, noise=noise)
+    hidden = torch.nn.functional.interpolate(mask.unit_mask.reshape(2, 1, 4, 4), scale_factor=32).bool().expand_as(x)
+    with torch.no_grad():
+        ref = enc.forward_mask_tokens(x, mask)
+        assert ref.shape == enc.forward_masked(x, mask).shape == (2, 16, 128)
+        assert torch.equal(enc.forward_mask_tokens(torch.where(hidden, x + 1e3, x), mask), ref)
+        nothing = create_mae(NAME, **SMALL, decoder_depth=1).random_mask(2, mask_ratio=0.0)
+        torch.testing.assert_close(enc.forward_mask_tokens(x, nothing), enc.forward_masked(x, nothing),
+                                   atol=1e-5, rtol=1e-5)

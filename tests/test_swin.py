@@ -129,6 +129,7 @@ def test_visible_only_swin_equals_dense_timm_swin_when_nothing_is_masked(args):
     with torch.no_grad():
         out = enc.forward_masked(x, mask)  # [B, L, D] in ids_keep (noise) order
         dense = ref.forward_features(x).flatten(1, 2)  # timm, row-major
+        torch.testing.assert_close(enc.forward_mask_tokens(x, mask), out, atol=1e-5, rtol=1e-4)
     restored = torch.gather(out, 1, mask.ids_restore.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
     torch.testing.assert_close(restored, dense, atol=1e-5, rtol=1e-4)
 

@@ -22,7 +22,9 @@ What runs visible-only, per stage (``forward_masked``):
   masked units are then dropped (after the absolute position table is added);
 - stages 1-2: mask-unit attention inside each visible unit; stages 3-4: global
   attention over the visible tokens; the 2 x 2 query pooling stays inside a unit.
-  Nothing runs dense: the encoder is ``visible_only``.
+  Nothing runs dense: the encoder is ``visible_only``. The SimMIM-style
+  reference :meth:`HieraEncoder.forward_mask_tokens` (benchmarks only) encodes
+  every unit with masked stage-1 tokens set to zero.
 
 Read-out (Hiera's MAE). Hiera pretrains with one pooling fewer than it
 fine-tunes (``mae_q_pool = 2`` against ``q_pool = 3``; pooling has no
@@ -53,7 +55,7 @@ from timm.models.hiera import Hiera, Reroll
 from torch import nn
 
 from .contract import EncoderMixin
-from .masking import Mask
+from .masking import Mask, gather_tokens, visible_map
 from .patch import grid_shape, to_2tuple_size
 from .registry import DECODER_BASE, DECODER_SMALL, build_encoder, register_model
 
@@ -193,6 +195,24 @@ class HieraEncoder(EncoderMixin, Hiera):
         rank = torch.argsort(torch.argsort(mask.unit_ids_keep, dim=1), dim=1)  # ascending position of each kept unit
         t = torch.gather(t, 1, rank.view(b, -1, 1, 1, 1).expand_as(t))  # units in noise order
         return self.head.norm(t.flatten(1, 3))  # [B, K_u * mh * mw, C]: unit by unit, row-major inside
+
+    def forward_mask_tokens(self, x: torch.Tensor, mask: Mask) -> torch.Tensor:
+        """SimMIM-style reference (benchmarks): every unit encoded, masked stage-1 tokens set to zero.
+
+        Masked pixels are zeroed before the overlapping stem as in :meth:`forward_masked`, so
+        visible tokens see the same input; the read-out is the same (stride 16, ``head.norm``).
+        """
+        self.check_input(x)
+        keep = self.hiera_mask(mask)
+        b = x.shape[0]
+        t = self.patch_embed(x, mask=keep.view(b, 1, *self.mask_spatial_shape))  # [B, N, C]
+        t = t * visible_map(mask, tuple(self.tokens_spatial_shape)).flatten(2).transpose(1, 2)  # masked -> 0
+        t = self.unroll(self._pos_embed(t))
+        with _without_q_pool(self._mae_unpooled):
+            for blk in self.blocks:
+                t = blk(t)
+        t = self.mae_reroll(t, len(self.blocks) - 1).flatten(1, 2)  # [B, L, C] row-major at patch_size
+        return self.head.norm(gather_tokens(t, mask.ids_keep))
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                          return_intermediates: bool = False) -> torch.Tensor:
