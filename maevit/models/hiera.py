@@ -146,14 +146,16 @@ class HieraEncoder(EncoderMixin, Hiera):
         self.num_prefix_tokens = 0
         self.mae_q_pool = mae_q_pool
         self.masked_equals_full = mae_q_pool == q_pool
-        # blocks that pool in the classifier but not in pretraining; mask-unit attention after them would group
-        # tokens by the pooled unit size, so they must use global attention
+        # blocks that pool in the classifier but not in pretraining; mask-unit attention from there on would
+        # group tokens by the pooled unit size (silently wrong windows), so those blocks must attend globally
         pool_blocks = [end + 1 for end in self.stage_ends[:q_pool]]
         self._mae_unpooled = [self.blocks[i] for i in pool_blocks[mae_q_pool:]]
         if self._mae_unpooled and any(blk.attn.use_mask_unit_attn for blk in self.blocks[pool_blocks[mae_q_pool]:]):
             raise ValueError(
-                f"mae_q_pool={mae_q_pool} leaves out a pooling before a stage with mask-unit attention "
-                f"(mask_unit_attn={tuple(mask_unit_attn)}): raise mae_q_pool or use global attention there"
+                f"mae_q_pool={mae_q_pool} leaves out the pooling of block {pool_blocks[mae_q_pool]}, but that block "
+                f"or a later one uses mask-unit attention (mask_unit_attn={tuple(mask_unit_attn)}; timm's first "
+                "block of a stage attends like the stage before it). Raise mae_q_pool, or make mask_unit_attn False "
+                f"from stage {mae_q_pool + 1} on (stages counted from 1)"
             )
         # timm's Reroll for the pretraining schedule (parameter-free): tokens back to row-major inside each unit
         self.mae_reroll = Reroll(img_size, patch_stride, [q_stride] * len(self.stage_ends[:-1]), self.stage_ends,
