@@ -17,6 +17,8 @@ from .weights import CheckpointError, LoadReport, export_encoder, load_encoder_w
 # encoder families: importing a family file runs its registrations
 from . import vit  # noqa: E402,F401  (isort: skip)
 from . import sret  # noqa: E402,F401  (isort: skip)
+from . import swin  # noqa: E402,F401  (isort: skip)
+from . import hiera  # noqa: E402,F401  (isort: skip)
 from .vit import ViTEncoder  # noqa: E402
 
 __all__ = [

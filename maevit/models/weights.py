@@ -572,6 +572,22 @@ def timm_load_line(header: Mapping[str, Any], path: str | os.PathLike) -> str | 
             f".load_state_dict(safetensors.torch.load_file({str(path)!r}))")
 
 
+def classifier_keys(encoder: nn.Module) -> set[str]:
+    """Names of the classification layer's parameters (timm's ``get_classifier()``), which encoder files leave out.
+
+    Only the classifier goes: parts of a head that timm keeps at ``num_classes=0``
+    (Hiera's ``head.norm``, the MAE encoder norm) stay, so the file loads into
+    timm's headless model strictly.
+    """
+    get = getattr(encoder, "get_classifier", None)
+    if get is None:
+        return {k for k in encoder.state_dict() if k.startswith("head.")}
+    layers = get()
+    layers = layers if isinstance(layers, (tuple, list)) else (layers,)
+    ids = {id(p) for m in layers if isinstance(m, nn.Module) for p in m.parameters()}
+    return {n for n, p in encoder.named_parameters() if id(p) in ids}
+
+
 def export_encoder(model: nn.Module, path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None,
                    **extra: Any) -> Path:
     """Write the encoder of ``model`` (an MAE, an encoder or a classifier) as safetensors.
@@ -591,7 +607,8 @@ def export_encoder(model: nn.Module, path: str | os.PathLike, state_dict: Mappin
     else:
         enc, _ = split_mae(state_dict)
         state_dict = enc
-    sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    head = classifier_keys(encoder)
+    sd = {k: v for k, v in state_dict.items() if k not in head}
     header = header_of(encoder, "encoder", **extra)
     if header.get("timm_kwargs"):
         header["timm_kwargs"] = {**header["timm_kwargs"], "num_classes": 0}

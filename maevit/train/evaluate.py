@@ -205,9 +205,12 @@ def load_classifier(path: str | os.PathLike, *, name: str | None = None, img_siz
         raise CheckpointError(f"{path} holds an {header['kind']}, not a classifier: fine-tune it first "
                               "(maevit finetune model.pretrained=...)")
     sd = encoder_state_dict(p)
-    if "head.weight" not in sd:
-        raise CheckpointError(f"{path} has no classification head (head.weight): fine-tune it first (maevit finetune)")
-    num_classes = header.get("num_classes") or int(sd["head.weight"].shape[0])
+    # timm's classifier layer: head (ViT, DeiT) or head.fc (Swin, Hiera: pooling / norm live in the head)
+    head_key = next((k for k in ("head.weight", "head.fc.weight") if k in sd), None)
+    if head_key is None:
+        raise CheckpointError(f"{path} has no classification head (head.weight / head.fc.weight): fine-tune it "
+                              "first (maevit finetune)")
+    num_classes = header.get("num_classes") or int(sd[head_key].shape[0])
     overrides = {} if img_size is None else {"img_size": img_size}
     model = create_classifier(name, num_classes, pretrained=p, global_pool=None, **overrides)
     if model.load_report.new:
