@@ -105,6 +105,20 @@ def masked_resnetv2(backbone: nn.Module, x: torch.Tensor, mask: Mask) -> torch.T
     return x
 
 
+class MaskedHybridEmbed(HybridEmbed):
+    """timm's ``HybridEmbed`` (same modules and names) whose forward also takes a mask.
+
+    ``forward(x)`` is timm's; ``forward(x, mask)`` runs the backbone masked
+    (:func:`masked_resnetv2`), then the same projection and flattening.
+    """
+
+    def forward(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
+        if mask is None:
+            return super().forward(x)
+        feats = masked_resnetv2(self.backbone, x, mask)  # [B, C', h, w], zero where masked
+        return self.proj(feats).flatten(2).transpose(1, 2)  # [B, L, D]
+
+
 # --------------------------------------------------------------------------- encoder
 
 
@@ -156,7 +170,7 @@ class HybridEncoder(ViTEncoder):
         backbone = _resnetv2(layers, in_chans=in_chans)
         super().__init__(
             img_size, patch_size // stride, in_chans, embed_dim, depth, num_heads, mlp_ratio, pos_encoding,
-            attention, drop_path_rate, embed_layer=partial(HybridEmbed, backbone=backbone), **kwargs,
+            attention, drop_path_rate, embed_layer=partial(MaskedHybridEmbed, backbone=backbone), **kwargs,
         )
         self.patch_size = patch_size  # ViTEncoder set the projection's patch; a token is patch_size pixels
         self.mask_unit = patch_size
@@ -169,11 +183,7 @@ class HybridEncoder(ViTEncoder):
 
     def _embed(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
         """Tokens ``[B, L, D]`` with their position; with a ``mask``, masked pixels never reach them."""
-        if mask is None:
-            return super()._embed(x)
-        pe = self.patch_embed
-        feats = masked_resnetv2(pe.backbone, x, mask)  # [B, C', h, w], zero where masked
-        x = pe.proj(feats).flatten(2).transpose(1, 2)  # [B, L, D] (HybridEmbed's projection + flatten)
+        x = self.patch_embed(x, mask)
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, self.num_prefix_tokens:]
         return x
