@@ -18,7 +18,9 @@ For every name (the reference first):
 - per part, forward time of the mask-token path / the visible path (hooks around each part, during
   the same timed steps): > 1 where the visible path saves time.
 
-Timing: ``--warmup`` untimed rounds, then ``--repeats`` rounds; each round times one step of every
+Timing: CPU seconds of this process (``time.process_time``) with one torch thread by default, so
+other jobs on a shared machine do not enter the figures (wall time with ``--clock wall``);
+``--warmup`` untimed rounds, then ``--repeats`` rounds; each round times one step of every
 (model, path), in an order that reverses every round, so load drifts hit all alike; medians over
 rounds. Same images and the same mask noise for every step of a model.
 """
@@ -94,9 +96,10 @@ def flops(mae, x: torch.Tensor, masked: bool, ratio: float) -> tuple[int, dict[s
 
 
 class PartTimer:
-    """Forward wall time of each part (hooks before / after every module of the part)."""
+    """Forward time of each part (hooks before / after every module of the part)."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, clock=time.process_time) -> None:
+        self.clock = clock
         self.times: dict[str, float] = defaultdict(float)
         self.handles = []
         for name, modules in parts_of(encoder).items():
@@ -107,12 +110,12 @@ class PartTimer:
 
     def _start(self, name):
         def hook(module, args):
-            self._t0[name] = time.perf_counter()
+            self._t0[name] = self.clock()
         return hook
 
     def _stop(self, name):
         def hook(module, args, out):
-            self.times[name] += time.perf_counter() - self._t0[name]
+            self.times[name] += self.clock() - self._t0[name]
         return hook
 
     def pop(self) -> dict[str, float]:
@@ -129,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="cpu: this process's CPU seconds (robust to other jobs); wall: elapsed seconds")
     p.add_argument("--no-timing", action="store_true", help="parameters and FLOPs only")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     names = [a.reference] + [n for n in a.names if n != a.reference]
     torch.manual_seed(0)
     maes = {n: create_mae(n, img_size=a.img_size, mask_ratio=a.mask_ratio).train() for n in names}
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     part_times: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     if not a.no_timing:
         imgs = torch.randn(a.batch_size, 3, a.img_size, a.img_size)
-        timers = {n: PartTimer(m.encoder) for n, m in maes.items()}
+        timers = {n: PartTimer(m.encoder, clock) for n, m in maes.items()}
         noise = {n: torch.rand(a.batch_size, m.random_mask(1).unit_mask.shape[1],
                                generator=torch.Generator().manual_seed(1)) for n, m in maes.items()}
         order = [(n, path) for n in names for path in ("visible", "mask_tokens")]
@@ -163,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                 mae.encoder_path = path
                 mae.zero_grad(set_to_none=True)
                 timers[n].pop()
-                t0 = time.perf_counter()
+                t0 = clock()
                 mae(imgs, noise=noise[n]).loss.backward()
-                dt = time.perf_counter() - t0
+                dt = clock() - t0
                 spent = timers[n].pop()
                 if r >= a.warmup:
                     times[(n, path)].append(dt)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nimage {a.img_size} px, mask ratio {a.mask_ratio}, batch {a.batch_size}, {a.repeats} rounds "
-          f"(+{a.warmup} warm-up), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"(+{a.warmup} warm-up), {a.clock} clock, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}\n")
     print(f"| model | params (M) | enc GFLOPs masked {a.mask_ratio} | enc GFLOPs full | masked / full | "
           f"step / {a.reference} step | mask-token step / visible step |")

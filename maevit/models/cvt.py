@@ -119,6 +119,12 @@ class ConvEmbed(nn.Module):
 class ConvProjection(nn.Module):
     """CvT's ``dw_bn`` projection: depthwise convolution + BatchNorm, statistics over visible positions.
 
+    Where the output positions kept are listed (``ids``: the visible ones), the convolution's output
+    is gathered there first and BatchNorm runs on those tokens alone: its statistics are then over
+    exactly the visible positions, and no full-map elementwise work is spent on masked ones. Where
+    the output grid is coarser than a mask unit (no fixed list), :class:`MaskedBatchNorm2d` takes
+    its statistics over the positions ``visible`` marks.
+
     Args:
         dim: channels.
         kernel_size, stride, padding: the depthwise convolution (stride 2 for keys and values).
@@ -131,7 +137,11 @@ class ConvProjection(nn.Module):
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor | None, ids: torch.Tensor | None) -> torch.Tensor:
         """Map ``x [B, C, h, w]`` (zero where masked) -> tokens ``[B, K', C]`` at output positions ``ids``."""
-        return map_to_tokens(self.bn(self.conv(x), visible), ids)
+        y = self.conv(x)  # [B, C, h', w']
+        if ids is None:
+            return map_to_tokens(self.bn(y, visible), None)
+        t = map_to_tokens(y, ids)  # [B, K', C]
+        return self.bn(t.reshape(-1, t.shape[-1], 1, 1)).reshape(t.shape)  # BatchNorm2d over B * K' positions
 
 
 class ConvAttention(nn.Module):
