@@ -14,6 +14,10 @@ Usage (CPU, about an hour at the defaults on 2 busy cores; scale with the flags)
     python benchmarks/quality_cifar10.py --data /tmp/cifar10 --out /tmp/quality \\
         --per-class 1000 --pretrain-epochs 30 --ft-epochs 15
 
+Any registered model: ``--model NAME --model-args JSON`` (encoder arguments at 32 px, e.g.
+``--model mae_cvt_tiny --model-args '{"patch_strides": [1, 2, 2], ...}'``); without them, the
+plain ViT of ``--patch / --dim / --depth / --heads``.
+
 ``--data`` is the extracted ``cifar10-jpg.tar.gz`` (``train/<class>/*.jpg``,
 ``test/<class>/*.jpg``); it is extracted there when missing.
 """
@@ -62,8 +66,10 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--model", default="mae_vit_tiny_patch16", help="registered model name")
+    p.add_argument("--model-args", default="", help="JSON encoder arguments (default: the ViT flags above)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--only", default="", help="comma list of stages to run: pretrain,ft,probe,knn")
+    p.add_argument("--only", default="", help="comma list of stages to run: pretrain,ft,ft10,probe,knn")
     a = p.parse_args()
 
     import torch
@@ -90,18 +96,18 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1))
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {value}", flush=True)
 
-    size = dict(embed_dim=a.dim, depth=a.depth, num_heads=a.heads)
+    size = json.loads(a.model_args) if a.model_args else dict(patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
+                                                              num_heads=a.heads)
+    model = [f"model.name={a.model}", "model.img_size=32", f"model.args={json.dumps(size)}"]
     enc_path = out / "pretrain" / "encoder.safetensors"
     threads = torch.get_num_threads()
     save("budget", dict(per_class=a.per_class, test_per_class=a.test_per_class, pretrain_epochs=a.pretrain_epochs,
-                        ft_epochs=a.ft_epochs, patch=a.patch, threads=threads, **size))
+                        ft_epochs=a.ft_epochs, threads=threads, model=a.model, args=size))
 
     if "pretrain" in stages and not enc_path.is_file():
         t = time.time()
         cfg = load_config(pt.PretrainConfig, None, [
-            "model.name=mae_vit_tiny_patch16", "model.img_size=32", f"model.patch_size={a.patch}",
-            f"model.embed_dim={a.dim}", f"model.depth={a.depth}", f"model.num_heads={a.heads}",
-            "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
+            *model, "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
             f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
             f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
             f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
@@ -121,8 +127,7 @@ def main() -> None:
             return
         t = time.time()
         ov = [
-            "model.name=mae_vit_tiny_patch16", "model.img_size=32", f"model.patch_size={a.patch}",
-            f"model.timm_kwargs={json.dumps(size)}", "model.drop_path=0.1",
+            *model, "model.drop_path=0.1",
             f"model.pretrained={pretrained if pretrained else 'null'}",
             f"data.train={train}", f"data.val={test}", "data.batch_size=64", f"data.num_workers={a.workers}",
             f"data.label_fraction={fraction if fraction else 'null'}",
@@ -140,8 +145,7 @@ def main() -> None:
         if "probe" in stages and f"probe_{enc_name}" not in results:
             t = time.time()
             res = probe(load_config(ProbeConfig, None, [
-                "model.name=mae_vit_tiny_patch16", "model.img_size=32", f"model.patch_size={a.patch}",
-                f"model.timm_kwargs={json.dumps(size)}", f"model.pretrained={src if src else 'null'}",
+                *model, f"model.pretrained={src if src else 'null'}",
                 f"data.train={train}", f"data.val={test}", "data.batch_size=256", f"data.num_workers={a.workers}",
                 f"optim.epochs={a.probe_epochs}", "optim.warmup_epochs=5", f"run.dir={out / ('probe_' + enc_name)}",
             ]))
@@ -158,15 +162,16 @@ def main() -> None:
 
             Accelerator(cpu=True)
             t = time.time()
-            enc = create_classifier("mae_vit_tiny_patch16", 0, pretrained=src, img_size=32, patch_size=a.patch,
-                                    global_pool=pool, **size)
+            enc = create_classifier(a.model, 0, pretrained=src, global_pool=pool, **{**size, "img_size": 32})
             kw = dict(img_size=32, batch_size=256, train=False, num_workers=a.workers)
             res = knn_accuracy(enc, labeled_loader(str(train), **kw), labeled_loader(str(test), **kw), k=20, T=0.07)
             save(key, dict(top1=res["knn_top1"], top5=res["knn_top5"], minutes=round((time.time() - t) / 60, 1)))
 
-    if "ft" in stages:
+    if "ft" in stages or "ft10" in stages:  # ft10: the 10%-label pair only
         low = a.ft_epochs_low or 3 * a.ft_epochs
         for frac, tag, epochs in ((0.1, "10", low), (None, "100", a.ft_epochs)):  # the cheap pair first
+            if tag == "100" and "ft" not in stages:
+                continue
             ft(f"ft_mae_{tag}", enc_path, frac, epochs)
             ft(f"ft_scratch_{tag}", None, frac, epochs)
 
