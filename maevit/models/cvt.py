@@ -176,6 +176,10 @@ class ConvAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` -> ``[B, heads, N, C / heads]``."""
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, -1).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, sites: Sites) -> torch.Tensor:
         """``x [B, prefix + K, C]`` (tokens at ``sites.ids``) -> ``[B, prefix + K, C]``."""
         b, _, c = x.shape
@@ -187,8 +191,7 @@ class ConvAttention(nn.Module):
         v = self.conv_proj_v(grid, sites.kv_visible, sites.kv_ids)
         if n:
             q, k, v = (torch.cat([prefix, t], dim=1) for t in (q, k, v))
-        heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, -1).transpose(1, 2)  # noqa: E731 [B, H, N, hd]
-        q, k, v = heads(self.proj_q(q)), heads(self.proj_k(k)), heads(self.proj_v(v))
+        q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=sites.kv_mask, scale=self.scale,
                                            dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(b, -1, c)  # [B, prefix + K, C]
