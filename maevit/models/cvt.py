@@ -14,14 +14,16 @@ BatchNorm over the stage's token map (stride 1 for Q, stride 2 for K and V), the
 projections; attention logits are scaled by the full width (the authors' and HF's choice). No
 position table: the convolutions carry position. The class token joins in the last stage only.
 
-Masked pretraining. The mask unit is the last stage's stride (16 px), so every stage's map divides
-into whole units (4x4 positions at stride 4, 2x2 at 8, 1 at 16). Per stage:
+Masked pretraining. The mask unit is the last stage's stride (the product of the embedding
+strides: 16 px at the published 4 / 2 / 2), so every stage's map divides into whole units (4x4
+positions at stride 4, 2x2 at 8, 1 at 16). Per stage:
 
 =============================  ==============================  ==============================  ==============================
 part                           stage 1 (stride 4)              stage 2 (stride 8)              stage 3 (stride 16)
 =============================  ==============================  ==============================  ==============================
 conv embedding                 dense, masked pixels zeroed     dense, masked positions zero    dense, masked positions zero
-depthwise Q / K / V conv + BN  dense over the map, masked positions zero, BN statistics over visible positions (all stages)
+depthwise Q / K / V conv       dense over the map, masked positions zero (all stages)
+BatchNorm of the projections   statistics over visible positions only (on the gathered tokens; masked BN for stage-3 K/V)
 linear Q/K/V, attention, MLP   visible tokens only             visible tokens only             visible tokens only
 keys / values (stride 2)       visible units' K/V only         visible units' K/V only         K/V grid (stride 32) is coarser
                                (stride 8 lies in a unit)       (stride 16 = one unit)          than a unit: all K/V computed,
@@ -31,8 +33,9 @@ keys / values (stride 2)       visible units' K/V only         visible units' K/
 
 "Dense" parts run over the stage's whole map, rebuilt from the visible tokens with zeros at
 masked positions (a sparse convolution's semantics: masked neighbours read as zeros), since a
-window at a unit border needs its neighbours; they are cheap (depthwise or run once per stage).
-The token-wise work (linear projections, attention, MLP: nearly all the FLOPs) is visible-only.
+window at a unit border needs its neighbours; they are cheap (depthwise, or once per stage: 13-21%
+of the masked encoder's FLOPs at 224 px). The token-wise work (linear projections, attention, MLP)
+is visible-only; BENCHMARKS.md ("Encoder costs") has the FLOPs and times per stage.
 :meth:`CvtEncoder.forward_mask_tokens` is the dense SimMIM-style counterpart (masked units
 zeroed, every position encoded), for benchmarks.
 

@@ -17,7 +17,8 @@ masked side reads as zeros):
   max-pool read zeros there (the pool follows a ReLU, so a zero never beats a visible value: the
   same as skipping masked positions). Weight standardisation is per filter, with no spatial
   statistics, so it needs nothing. A dense CNN cannot skip masked units without sparse
-  convolutions, so the stem costs the same masked or not.
+  convolutions: the stem's FLOPs are the same masked or not, and the masked GroupNorm makes it
+  1.4-1.6x timm's dense stem in CPU time (BENCHMARKS.md, "Encoder costs").
 - **Patch projection** (non-overlapping, unit-aligned convolution) and position table: per token;
   the visible tokens are gathered right after.
 - **ViT blocks: visible tokens only** (MAE's 75% saving).
