@@ -216,11 +216,11 @@ class HybridEncoder(ViTEncoder):
 
 @register_model(decoder=DECODER_SMALL, smoke=dict(img_size=64, depth=1))
 def mae_vit_tiny_r_s16(**kwargs) -> HybridEncoder:
-    """ResNet stem + ViT-Ti at stride 16 (6.3M): timm's ``vit_tiny_r_s16_p8_224`` with a 4x4 projection."""
+    """ResNet stem + ViT-Ti at stride 16 (5.6M): timm's vit_tiny_r_s16_p8_224 with a 4x4 projection."""
     return build_encoder(HybridEncoder, kwargs, layers=[], patch_size=16, **VIT_SIZES["tiny"])
 
 
 @register_model(decoder=DECODER_BASE, smoke=dict(img_size=64, depth=1, layers=[1, 1, 1], embed_dim=128, num_heads=4))
 def mae_vit_base_r50_s16(**kwargs) -> HybridEncoder:
-    """R50 (3 stages, GroupNorm) + ViT-B at stride 16 (98M): timm's ``vit_base_r50_s16_224``."""
+    """R50 (3 stages, GroupNorm) + ViT-B at stride 16 (98M): timm's vit_base_r50_s16_224."""
     return build_encoder(HybridEncoder, kwargs, layers=[3, 4, 9], patch_size=16, **VIT_SIZES["base"])
