@@ -76,22 +76,22 @@ def flops(mae, x: torch.Tensor, masked: bool, ratio: float) -> tuple[int, dict[s
         if masked else _Call(enc, "forward_features")
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         call(x)
-    counts = fc.get_flop_counts()
+    counts = fc.get_flop_counts()  # module name -> {op: flops}; a module's count includes its children's
+
+    def conv_other(key: str) -> tuple[int, int]:
+        ops = counts.get(key, {})
+        conv = sum(n for op, n in ops.items() if any(c in str(op) for c in CONV_OPS))
+        return conv, sum(ops.values()) - conv
+
     per_part = {}
     for part in parts_of(enc):
-        conv = other = 0
-        for key, ops in counts.items():  # keys: '_Call.encoder.<part>' (once per module, nested sums)
-            if key == f"_Call.encoder.{part}":
-                for op, n in ops.items():
-                    conv += n if any(c in str(op) for c in CONV_OPS) else 0
-                    other += 0 if any(c in str(op) for c in CONV_OPS) else n
-        if isinstance(getattr(enc, part, None), (nn.ModuleList, nn.Sequential)):  # called one by one
-            for key, ops in counts.items():
-                if key.startswith(f"_Call.encoder.{part}.") and key.count(".") == part.count(".") + 3:
-                    for op, n in ops.items():
-                        conv += n if any(c in str(op) for c in CONV_OPS) else 0
-                        other += 0 if any(c in str(op) for c in CONV_OPS) else n
-        per_part[part] = (conv, other)
+        root = f"_Call.encoder.{part}"
+        if isinstance(getattr(enc, part, None), (nn.ModuleList, nn.Sequential)):  # called item by item
+            keys = [k for k in counts if k.startswith(root + ".") and k.count(".") == root.count(".") + 1]
+        else:
+            keys = [root]
+        pairs = [conv_other(k) for k in keys]
+        per_part[part] = (sum(c for c, _ in pairs), sum(o for _, o in pairs))
     return fc.get_total_flops(), per_part
 
 
