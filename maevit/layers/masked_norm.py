@@ -15,9 +15,24 @@ timm and torch have no masked variant of either, hence this file.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+
+def _float32(fn):
+    """Run a masked norm in float32 with autocast off and return the input's dtype (as autocast
+    does for torch's own norms: reduced-precision statistics over thousands of positions drift)."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, visible: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return fn(x, visible, norm)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return fn(x.float(), visible.float(), norm).to(x.dtype)
+
+    return wrapper
 
 
 def _visible_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -25,6 +40,7 @@ def _visible_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bcp,bp->bc", x, w)
 
 
+@_float32
 def masked_batch_norm(
     x: torch.Tensor,
     visible: torch.Tensor,
@@ -62,6 +78,7 @@ def masked_batch_norm(
     return (y * w[:, None, :]).reshape(x.shape)
 
 
+@_float32
 def masked_group_norm(x: torch.Tensor, visible: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
     """GroupNorm of ``x [B, C, H, W]`` with per-sample, per-group statistics over visible positions."""
     b, c = x.shape[:2]
