@@ -78,7 +78,7 @@ def test_masked_plan_per_stage():
     assert [None if p.kv_ids is None else p.kv_ids.shape[1] for p in plans] == [49 * 4, 49, None]
     assert plans[2].kv_mask.shape == (2, 1, 1, 1 + 49)
     assert torch.equal(plans[2].ids, mask.ids_keep)  # last-stage tokens come out in ids_keep order
-    kv_seen = (plans[2].kv_mask[:, 0, 0, 1:] == 0).float().reshape(2, 1, 7, 7)
+    kv_seen = plans[2].kv_mask[:, 0, 0, 1:].float().reshape(2, 1, 7, 7)
     assert torch.equal(kv_seen, plans[2].kv_visible)  # a K/V position is kept iff its window holds a visible unit
 
 

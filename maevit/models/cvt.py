@@ -74,8 +74,8 @@ class Sites(NamedTuple):
         visible: ``[B, 1, h, w]`` 1 = visible.
         kv_ids: ``[B, Kkv]`` key / value positions kept, when the K/V grid divides into units.
         kv_visible: ``[B, 1, hk, wk]`` key / value positions with visible input.
-        kv_mask: ``[B, 1, 1, prefix + hk * wk]`` additive attention mask (0 / -inf), when the K/V
-            grid is coarser than a unit (every K/V position is computed, invisible ones ignored).
+        kv_mask: ``[B, 1, 1, prefix + hk * wk]`` boolean attention mask (True = attended), when the
+            K/V grid is coarser than a unit (every K/V position is computed, invisible ones ignored).
     """
 
     size: tuple[int, int]
@@ -386,8 +386,7 @@ class CvtEncoder(EncoderMixin, nn.Module):
         kv_visible = conv_visible(visible, *self.kv_geometry)  # [B, 1, hk, wk]: any visible input
         n = self.stages[i].cls_token is not None
         keep_kv = torch.cat([kv_visible.new_ones(batch_size, int(n)), kv_visible.flatten(1)], dim=1)
-        kv_mask = torch.zeros_like(keep_kv).masked_fill(keep_kv == 0, float("-inf"))[:, None, None, :]
-        return Sites(size, ids, visible, None, kv_visible, kv_mask)
+        return Sites(size, ids, visible, None, kv_visible, (keep_kv > 0)[:, None, None, :])  # bool: any dtype
 
     def _forward(self, x: torch.Tensor, mask: Mask | None) -> torch.Tensor:
         """All stages; tokens ``[B, prefix + K, D]`` of the last one, normalised."""
