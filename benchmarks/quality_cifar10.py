@@ -66,13 +66,17 @@ def main() -> None:
                    help="online kNN probe every N pretraining steps (the curve of kNN vs steps; 0: off)")
     p.add_argument("--probe-epochs", type=int, default=50)
     p.add_argument("--model", default="mae_vit_tiny_patch16", help="registered name (`maevit models`)")
+    p.add_argument("--patch", type=int, default=4, help="plain ViT shorthand, used when --model-args is absent")
+    p.add_argument("--dim", type=int, default=192, help="plain ViT shorthand")
+    p.add_argument("--depth", type=int, default=6, help="plain ViT shorthand")
+    p.add_argument("--heads", type=int, default=3, help="plain ViT shorthand")
     p.add_argument("--model-args", default=None,
-                   help='encoder arguments as JSON (default for ViTs: {"patch_size": 4, "depth": 6})')
+                   help="encoder arguments as JSON (default: the plain ViT shorthands above)")
     p.add_argument("--img-size", type=int, default=32,
                    help="model input size; CIFAR's 32 px images are resized to it (64 for SReT: 32 px mask units)")
     p.add_argument("--decoder", default="128,2,4", help="MAE decoder width,depth,heads")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--only", default="", help="comma list of stages to run: pretrain,ft,probe,knn")
+    p.add_argument("--only", default="", help="comma list of stages to run: pretrain,ft,ft10,probe,knn")
     a = p.parse_args()
 
     import torch
@@ -99,7 +103,8 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1))
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {value}", flush=True)
 
-    model_args = json.loads(a.model_args) if a.model_args else {"patch_size": 4, "depth": 6}
+    model_args = json.loads(a.model_args) if a.model_args else dict(
+        patch_size=a.patch, embed_dim=a.dim, depth=a.depth, num_heads=a.heads)
     arch = [f"model.name={a.model}", f"model.img_size={a.img_size}", f"model.args={json.dumps(model_args)}"]
     enc_path = out / "pretrain" / "encoder.safetensors"
     threads = torch.get_num_threads()
@@ -174,9 +179,11 @@ def main() -> None:
             res = knn_accuracy(enc, labeled_loader(str(train), **kw), labeled_loader(str(test), **kw), k=20, T=0.07)
             save(key, dict(top1=res["knn_top1"], top5=res["knn_top5"], minutes=round((time.time() - t) / 60, 1)))
 
-    if "ft" in stages:
+    if "ft" in stages or "ft10" in stages:  # ft10: the 10%-label pair only
         low = a.ft_epochs_low or 3 * a.ft_epochs
         for frac, tag, epochs in ((0.1, "10", low), (None, "100", a.ft_epochs)):  # the cheap pair first
+            if tag == "100" and "ft" not in stages:
+                continue
             ft(f"ft_mae_{tag}", enc_path, frac, epochs)
             ft(f"ft_scratch_{tag}", None, frac, epochs)
 

@@ -38,3 +38,18 @@ def test_statistics_ignore_masked_positions(norm):
     out2 = norm(torch.where(visible.bool(), x, torch.randn_like(x) * 1e3), visible)
     assert torch.equal(out, out2)
     assert torch.equal(out * (1 - visible), torch.zeros_like(out))
+
+
+def test_conv_visible_marks_outputs_whose_window_holds_a_visible_input():
+    from maevit.layers import conv_visible, masked_conv
+
+    visible = (torch.rand(2, 1, 8, 8) > 0.6).float()
+    out = conv_visible(visible, 3, 2, 1)  # [2, 1, 4, 4]
+    padded = torch.nn.functional.pad(visible, (1, 1, 1, 1))
+    for i in range(4):
+        for j in range(4):
+            assert out[:, 0, i, j].tolist() == padded[:, 0, 2 * i:2 * i + 3, 2 * j:2 * j + 3].amax((1, 2)).tolist()
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    noisy = torch.where(visible.bool(), x, torch.randn_like(x) * 1e3)
+    assert torch.equal(masked_conv(conv, x, visible), masked_conv(conv, noisy, visible))

@@ -15,11 +15,32 @@ timm and torch have no masked variant of either, hence this file.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
+def _float32(fn):
+    """Run a masked norm in float32 with autocast off and return the input's dtype (as autocast
+    does for torch's own norms: reduced-precision statistics over thousands of positions drift)."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, visible: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return fn(x, visible, norm)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return fn(x.float(), visible.float(), norm).to(x.dtype)
+
+    return wrapper
+
+
+def _visible_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_p x[b, c, p] * w[b, p]`` -> ``[B, C]``: a batched matrix-vector product, no ``[B, C, P]`` temporary."""
+    return torch.einsum("bcp,bp->bc", x, w)
+
+
+@_float32
 def masked_batch_norm(
     x: torch.Tensor,
     visible: torch.Tensor,
@@ -31,11 +52,14 @@ def masked_batch_norm(
     running statistics are updated with them (unbiased variance, as torch does);
     in eval mode the running statistics are used. Masked positions come out as 0.
     """
-    w = visible.to(x.dtype)
+    b, c = x.shape[:2]
+    w = visible.to(x.dtype).reshape(b, -1)  # [B, P]
+    xf = x.reshape(b, c, -1)  # [B, C, P]
     if bn.training or not bn.track_running_stats:
-        n = w.sum(dim=(0, 2, 3)).clamp_min(1.0)  # [1]
-        mean = (x * w).sum(dim=(0, 2, 3)) / n  # [C]
-        var = (((x - mean[None, :, None, None]) * w) ** 2).sum(dim=(0, 2, 3)) / n  # biased, for normalising
+        n = w.sum().clamp_min(1.0)
+        mean = _visible_sum(xf, w).sum(0) / n  # [C]
+        d = xf - mean[None, :, None]
+        var = _visible_sum(d * d, w).sum(0) / n  # biased, for normalising
         if bn.training and bn.track_running_stats:
             with torch.no_grad():
                 bn.num_batches_tracked += 1
@@ -45,27 +69,32 @@ def masked_batch_norm(
                 bn.running_var.lerp_(unbiased.detach().to(bn.running_var.dtype), m)
     else:
         mean, var = bn.running_mean, bn.running_var
-    y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + bn.eps)
+        d = xf - mean[None, :, None]
+    scale = torch.rsqrt(var + bn.eps)  # [C]
     if bn.affine:
-        y = y * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
-    return y * w
+        y = torch.addcmul(bn.bias[None, :, None], d, (scale * bn.weight)[None, :, None])
+    else:
+        y = d * scale[None, :, None]
+    return (y * w[:, None, :]).reshape(x.shape)
 
 
+@_float32
 def masked_group_norm(x: torch.Tensor, visible: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
     """GroupNorm of ``x [B, C, H, W]`` with per-sample, per-group statistics over visible positions."""
-    b, c, h, w_ = x.shape
+    b, c = x.shape[:2]
     g = gn.num_groups
-    w = visible.to(x.dtype)  # [B, 1, H, W]
-    xg = x.reshape(b, g, c // g, h, w_)
-    wg = w.reshape(b, 1, 1, h, w_)
-    n = (wg.sum(dim=(2, 3, 4)) * (c // g)).clamp_min(1.0)  # [B, 1]
-    mean = (xg * wg).sum(dim=(2, 3, 4)) / n  # [B, G]
-    var = (((xg - mean[..., None, None, None]) * wg) ** 2).sum(dim=(2, 3, 4)) / n
-    y = (xg - mean[..., None, None, None]) * torch.rsqrt(var[..., None, None, None] + gn.eps)
-    y = y.reshape(b, c, h, w_)
+    w = visible.to(x.dtype).reshape(b, -1)  # [B, P]
+    xf = x.reshape(b, c, -1)  # [B, C, P]
+    n = (w.sum(dim=1) * (c // g)).clamp_min(1.0)[:, None]  # [B, 1]
+    mean = _visible_sum(xf, w).reshape(b, g, -1).sum(-1) / n  # [B, G]
+    d = xf - mean.repeat_interleave(c // g, dim=1)[..., None]
+    var = _visible_sum(d * d, w).reshape(b, g, -1).sum(-1) / n
+    scale = torch.rsqrt(var + gn.eps).repeat_interleave(c // g, dim=1)  # [B, C]
     if gn.affine:
-        y = y * gn.weight[None, :, None, None] + gn.bias[None, :, None, None]
-    return y * w
+        y = torch.addcmul(gn.bias[None, :, None], d, (scale * gn.weight)[..., None])
+    else:
+        y = d * scale[..., None]
+    return (y * w[:, None, :]).reshape(x.shape)
 
 
 class MaskedBatchNorm2d(nn.BatchNorm2d):

@@ -195,8 +195,9 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
 
     # ----------------------------------------------------------------- forward
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens ``[B, L, D]`` with their absolute position (per patch: no mixing)."""
+    def _embed(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
+        """Patch tokens ``[B, L, D]`` with their absolute position (per patch: no mixing, so the
+        ``mask`` is not needed here; embeddings that mix neighbours, like the hybrid's CNN, use it)."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed[:, self.num_prefix_tokens:]
@@ -253,13 +254,13 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         """Encode only the visible patches: ``[B, C, H, W]`` -> ``[B, 1 + K, D]`` (``mask.ids_keep`` order)."""
         self.check_input(x)
         # dropping masked patches after the per-patch embedding means their pixels cannot reach the output
-        tokens = gather_tokens(self._embed(x), mask.ids_keep)  # [B, K, D]
+        tokens = gather_tokens(self._embed(x, mask), mask.ids_keep)  # [B, K, D]
         return self._encode(tokens, mask.ids_keep)
 
     def forward_mask_tokens(self, x: torch.Tensor, mask: Mask) -> torch.Tensor:
         """SimMIM-style reference: all positions encoded, masked ones as zero tokens (benchmarks)."""
         self.check_input(x)
-        tokens = self._embed(x) * (1.0 - mask.mask).unsqueeze(-1)  # [B, L, D]; masked -> 0 (+ position)
+        tokens = self._embed(x, mask) * (1.0 - mask.mask).unsqueeze(-1)  # [B, L, D]; masked -> 0 (+ position)
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed[:, self.num_prefix_tokens:] * mask.mask.unsqueeze(-1)
         out = self._encode(tokens, None)
