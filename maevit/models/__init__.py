@@ -16,6 +16,7 @@ from .weights import CheckpointError, LoadReport, export_encoder, load_encoder_w
 
 # encoder families: importing a family file runs its registrations
 from . import vit  # noqa: E402,F401  (isort: skip)
+from . import deit  # noqa: E402,F401  (isort: skip)
 from .vit import ViTEncoder  # noqa: E402
 
 __all__ = [

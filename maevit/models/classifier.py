@@ -23,7 +23,9 @@ from torch import nn
 from .registry import ModelArgumentError, create_encoder
 from .weights import load_encoder_weights, read_header
 
-HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.")  # may be new in a classifier built from an encoder
+# may be new in a classifier built from an encoder: the heads, fc_norm, and DeiT's distillation token
+# when the file has a class token only (maevit.models.deit)
+HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.", "dist_token")
 # an encoder's final norm, which a classifier with average pooling replaces by a fresh fc_norm (as published)
 REPLACED_PREFIXES = ("norm.",)
 

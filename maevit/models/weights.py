@@ -576,7 +576,7 @@ def export_encoder(model: nn.Module, path: str | os.PathLike, state_dict: Mappin
     else:
         enc, _ = split_mae(state_dict)
         state_dict = enc
-    sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "head_dist."))}
     header = header_of(encoder, "encoder", **extra)
     if header.get("timm_kwargs"):
         header["timm_kwargs"] = {**header["timm_kwargs"], "num_classes": 0}
