@@ -1,0 +1,113 @@
+"""Distillation pieces: hand-computed losses, the frozen teacher, teacher files (maevit.train.distill)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from maevit.config import ConfigError
+from maevit.models import create_classifier
+from maevit.models.weights import header_of, save_weights
+from maevit.train.distill import (
+    DistillConfig, Teacher, build_teacher, distillation_loss, hard_distillation_loss, soft_distillation_loss,
+)
+
+LN3 = math.log(3.0)
+
+
+def test_hard_distillation_is_cross_entropy_with_the_teacher_argmax():
+    student = torch.tensor([[0.0, LN3], [0.0, LN3]])  # softmax [1/4, 3/4] for both samples
+    teacher = torch.tensor([[5.0, 1.0], [-1.0, 2.0]])  # argmax 0, then 1
+    expect = (math.log(4.0) + math.log(4.0 / 3.0)) / 2  # -log(1/4), -log(3/4), averaged
+    assert hard_distillation_loss(student, teacher).item() == pytest.approx(expect, abs=1e-6)
+    assert hard_distillation_loss(student, teacher * 100).item() == pytest.approx(expect, abs=1e-6)  # argmax only
+
+
+def test_soft_distillation_is_kl_at_temperature_times_tau_squared():
+    tau = 2.0
+    student = torch.tensor([[0.0, 2 * LN3]])  # / tau -> softmax [1/4, 3/4]
+    teacher = torch.tensor([[2 * LN3, 0.0]])  # / tau -> softmax [3/4, 1/4]
+    kl = 0.75 * math.log(0.75 / 0.25) + 0.25 * math.log(0.25 / 0.75)  # KL(teacher || student) = ln(3) / 2
+    assert soft_distillation_loss(student, teacher, tau).item() == pytest.approx(kl * tau**2, abs=1e-6)
+    two = torch.cat([student, teacher]), torch.cat([teacher, teacher])  # second sample: KL 0
+    assert soft_distillation_loss(*two, tau).item() == pytest.approx(kl * tau**2 / 2, abs=1e-6)  # mean over samples
+
+
+def test_total_loss_weights_label_and_distillation_terms():
+    cls_logits, dist_logits = torch.tensor([[0.0, LN3]]), torch.tensor([[LN3, 0.0]])
+    targets, teacher = torch.tensor([1]), torch.tensor([[0.0, 1.0]])  # teacher says class 1
+    base = math.log(4.0 / 3.0)  # CE(cls head, label 1)
+    dist = math.log(4.0)  # CE(dist head, teacher's class 1)
+    out = distillation_loss((cls_logits, dist_logits), targets, teacher, nn.CrossEntropyLoss(), kind="hard", alpha=0.5)
+    assert out.loss.item() == pytest.approx(0.5 * base + 0.5 * dist, abs=1e-6)
+    assert (out.base.item(), out.distill.item()) == (pytest.approx(base, abs=1e-6), pytest.approx(dist, abs=1e-6))
+    out = distillation_loss((cls_logits, dist_logits), targets, teacher, nn.CrossEntropyLoss(), kind="hard", alpha=0.1)
+    assert out.loss.item() == pytest.approx(0.9 * base + 0.1 * dist, abs=1e-6)
+    # one head (a plain ViT student): the same logits in both terms
+    single = distillation_loss(cls_logits, targets, teacher, nn.CrossEntropyLoss(), kind="hard", alpha=0.5)
+    assert single.loss.item() == pytest.approx(base, abs=1e-6)
+
+
+def _cnn_teacher(tmp_path, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+    model = create_classifier("timm:test_resnet", 4)
+    path = save_weights(model.state_dict(), tmp_path / "classifier.safetensors",
+                        header_of(model, "classifier", mean=list(mean), std=list(std)))
+    return model.eval(), path
+
+
+def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient(tmp_path):
+    model, path = _cnn_teacher(tmp_path)
+    teacher = build_teacher(DistillConfig(teacher=str(tmp_path)), num_classes=4,  # a run dir works too
+                            student_mean=(0.5, 0.5, 0.5), student_std=(0.25, 0.25, 0.25))
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    teacher.train()  # a parent's .train() must not wake batch norm / dropout
+    assert not teacher.training and not teacher.model.training
+    student = create_classifier("mae_deit_tiny_patch16", 4, img_size=32, patch_size=8, depth=1).train()
+    student.set_distilled_training(True)
+    x = torch.randn(2, 3, 32, 32)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    logits = teacher(x)
+    assert logits.grad_fn is None
+    torch.testing.assert_close(logits, model(x))  # same normalisation: the images pass unchanged
+    loss = distillation_loss(student(x), torch.tensor([0, 1]), logits, nn.CrossEntropyLoss()).loss
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.head_dist.weight.grad.abs().sum() > 0
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # BN statistics untouched
+
+
+def test_teacher_converts_the_students_normalisation_to_its_own(tmp_path):
+    model, path = _cnn_teacher(tmp_path, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+    teacher = build_teacher(DistillConfig(teacher=str(path)), num_classes=4, student_mean=(0.5, 0.5, 0.5),
+                            student_std=(0.25, 0.25, 0.25))
+    pixels = torch.rand(2, 3, 32, 32)
+    as_student = (pixels - 0.5) / 0.25
+    as_teacher = (pixels - torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)
+    torch.testing.assert_close(teacher(as_student), model(as_teacher), atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_errors_are_clear(tmp_path):
+    _, path = _cnn_teacher(tmp_path)
+    with pytest.raises(ValueError, match="predicts 4 classes, the student 10"):
+        build_teacher(DistillConfig(teacher=str(path)), num_classes=10, student_mean=(0,) * 3, student_std=(1,) * 3)
+    with pytest.raises(ConfigError, match="downloads nothing"):
+        DistillConfig(teacher="timm:resnet18").validate()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_teacher(DistillConfig(teacher=str(tmp_path / "nope")), num_classes=4, student_mean=(0,) * 3,
+                      student_std=(1,) * 3)
+    encoder = create_classifier("timm:test_resnet", 0)
+    enc_file = save_weights(encoder.state_dict(), tmp_path / "enc.safetensors", header_of(encoder, "encoder"))
+    with pytest.raises(ValueError, match="not a classifier"):
+        build_teacher(DistillConfig(teacher=str(enc_file)), num_classes=4, student_mean=(0,) * 3, student_std=(1,) * 3)
+
+
+def test_timm_name_with_a_weights_file_is_a_teacher(tmp_path):
+    model = create_classifier("timm:test_resnet", 4).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")  # plain timm weights, no maevit header
+    cfg = DistillConfig(teacher="timm:test_resnet", weights=str(tmp_path / "weights.pth"))
+    cfg.validate()
+    teacher = build_teacher(cfg, num_classes=4, student_mean=model.pretrained_cfg["mean"],
+                            student_std=model.pretrained_cfg["std"])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(teacher(x), model(x))
+    assert isinstance(teacher, Teacher)
