@@ -111,3 +111,22 @@ def test_timm_name_with_a_weights_file_is_a_teacher(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(teacher(x), model(x))
     assert isinstance(teacher, Teacher)
+
+
+def test_timm_cnn_classifier_file_rebuilds_from_its_header_and_loads_into_timm(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    model = create_classifier("timm:test_resnet", 4, img_size=32, drop_path_rate=0.1).eval()
+    head = header_of(model, "classifier")
+    assert head["model_name"] == "timm:test_resnet" and head["build_args"]["img_size"] == 32
+    assert "img_size" not in head["timm_kwargs"]  # a CNN has no such argument
+    path = save_weights(model.state_dict(), tmp_path / "classifier.safetensors", head)
+    again = create_classifier(None, 4, pretrained=path, global_pool=None).eval()
+    ref = timm.create_model(head["timm_model"], pretrained=False, **head["timm_kwargs"]).eval()
+    ref.load_state_dict(load_file(str(path)), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x)) and torch.equal(ref(x), model(x))
+    with pytest.raises(KeyError, match="unknown timm model 'resnet19'"):
+        create_classifier("timm:resnet19", 4)

@@ -130,17 +130,21 @@ def _timm_classifier(
     if global_pool not in (None, "avg"):
         raise ValueError(f"global_pool={global_pool!r} does not apply to timm:{arch}: timm models keep their own "
                          "pooling; leave model.global_pool at its default")
+    img_size = kwargs.pop("img_size", None)
+    sized = {} if img_size is None else {"img_size": img_size}
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs, **sized)
     except TypeError:
-        if "img_size" not in kwargs:
+        if not sized:
             raise
         # a convolutional network takes any input size and has no img_size argument
-        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        sized = {}
     model.model_name = TIMM_PREFIX + arch
-    model.build_args = _jsonable(kwargs)
-    spec = (arch, {**model.build_args, "num_classes": num_classes})
+    model.build_args = _jsonable({**kwargs, **({} if img_size is None else {"img_size": img_size})})
+    if img_size is not None:  # the size it is trained and evaluated at (CNNs take any)
+        model.img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+    spec = (arch, {**_jsonable(kwargs), **_jsonable(sized), "num_classes": num_classes})
     model.timm_spec = lambda: spec
     model.checkpoint_filter = dict  # its own names: nothing to map
     model.load_report = None
