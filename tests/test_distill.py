@@ -1,4 +1,5 @@
 """Distillation pieces: hand-computed losses, the frozen teacher, teacher files (maevit.train.distill)."""
+import json
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from maevit.config import ConfigError
-from maevit.models import create_classifier
+from maevit.models import create_classifier, read_header
 from maevit.models.weights import header_of, save_weights
 from maevit.train.distill import (
     DistillConfig, Teacher, build_teacher, distillation_loss, hard_distillation_loss, soft_distillation_loss,
@@ -130,3 +131,92 @@ def test_timm_cnn_classifier_file_rebuilds_from_its_header_and_loads_into_timm(t
         assert torch.equal(again(x), model(x)) and torch.equal(ref(x), model(x))
     with pytest.raises(KeyError, match="unknown timm model 'resnet19'"):
         create_classifier("timm:resnet19", 4)
+
+
+# ----------------------------------------------------------------------------- through the fine-tune loop
+def _student(run_dir, teacher, **extra) -> list[str]:
+    base = {
+        "model.name": "mae_deit_tiny_patch16", "model.img_size": 32, "model.patch_size": 8,
+        "model.args": "{depth: 1, embed_dim: 64, num_heads: 2}", "data.train": "bundled:train", "data.val": "null",
+        "data.batch_size": 8, "data.num_workers": 0, "data.label_fraction": 0.05, "optim.epochs": 1,
+        "optim.warmup_epochs": 0, "optim.accum_steps": 2, "run.dir": str(run_dir), "run.log_every": 1,
+        "run.progress": "false", "distill.teacher": str(teacher),
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.slow
+def test_two_finetune_steps_with_a_cnn_teacher_through_the_cli(tmp_path, capsys, one_thread):
+    import timm
+    from safetensors.torch import load_file
+
+    from maevit.train.evaluate import main_eval
+    from maevit.train.finetune import main_finetune
+
+    common = ["data.train=bundled:train", "data.val=bundled:val", "data.batch_size=8", "data.num_workers=0",
+              "optim.max_steps=2", "optim.warmup_epochs=0", "run.progress=false", "model.img_size=32"]
+    teacher = tmp_path / "teacher"
+    assert main_finetune(["model.name=timm:test_resnet", *common, f"run.dir={teacher}"]) == 0
+    student = tmp_path / "student"
+    assert main_finetune(["model.name=mae_deit_tiny_patch16", "model.patch_size=8", "model.args={depth: 1}",
+                          *common, f"run.dir={student}", f"distill.teacher={teacher}", "distill.type=soft",
+                          "distill.tau=2.0"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning done at step 2" in out and "cls head" in out and "dist head" in out
+    # the classifier loads strictly into timm's distilled DeiT; the teacher is nowhere in the student's files
+    meta = read_header(student / "classifier.safetensors")
+    assert meta["timm_model"] == "deit_tiny_distilled_patch16_224"
+    ref = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
+    ref.load_state_dict(load_file(student / "classifier.safetensors"), strict=True)
+    ckpt = student / "checkpoints" / "step-00000002"
+    saved = load_file(ckpt / "model.safetensors")
+    assert set(saved) == set(ref.state_dict())  # student weights only
+    opt = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    assert sum(len(g["params"]) for g in opt["param_groups"]) == sum(1 for p in ref.parameters() if p.requires_grad)
+    # maevit eval reports each head too, and evaluates the CNN teacher's file
+    assert main_eval([str(student), "--data", "bundled:val", "--num-workers", "0", "--batch-size", "100"]) == 0
+    assert "each head alone" in capsys.readouterr().out
+    assert {"top1_cls", "top1_dist"} <= set(json.loads((student / "eval.json").read_text()))
+    assert main_eval([str(teacher), "--data", "bundled:val", "--num-workers", "0", "--batch-size", "100"]) == 0
+
+
+@pytest.mark.slow
+def test_resume_with_a_teacher_is_exact(tmp_path, one_thread):
+    """Stop mid-epoch, resume: the same losses and weights as one straight run (mixup, cutmix,
+    RandAugment, random erasing and drop path on; the teacher sees the same mixed images)."""
+    from safetensors.torch import load_file
+
+    from maevit.config import load_config
+    from maevit.train.finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    t = create_classifier("timm:test_resnet", 10)  # a teacher for the bundled data's 10 classes
+    teacher = save_weights(t.state_dict(), tmp_path / "t10.safetensors", header_of(t, "classifier"))
+    # 100 samples / batch 8 = 12 batches = 6 steps (accum 2)
+    full = finetune(load_config(FinetuneConfig, None, _student(tmp_path / "a", teacher)))
+    assert full["step"] == 6 and len(full["losses"]) == 6
+    part1 = finetune(load_config(FinetuneConfig, None, _student(tmp_path / "b", teacher, **{"optim.max_steps": 2})))
+    part2 = finetune(load_config(FinetuneConfig, None, _student(tmp_path / "b", teacher)))
+    assert part1["step"] == 2 and part2["resumed_from"] and part2["step"] == 6
+    torch.testing.assert_close(torch.tensor(part1["losses"] + part2["losses"]), torch.tensor(full["losses"]),
+                               rtol=0, atol=0)
+    a, b = load_file(tmp_path / "a" / "classifier.safetensors"), load_file(tmp_path / "b" / "classifier.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the teacher mattered: without it the same run ends elsewhere
+    alone = finetune(load_config(FinetuneConfig, None, _student(tmp_path / "c", teacher, **{"distill.teacher": "null"})))
+    assert alone["losses"] != full["losses"]
+
+
+def test_teacher_and_student_recipes_load():
+    from pathlib import Path
+
+    from maevit.config import load_config
+    from maevit.train.finetune import FinetuneConfig
+
+    root = Path(__file__).resolve().parents[1] / "finetune"
+    teacher = load_config(FinetuneConfig, root / "cifar10_resnet_teacher.yaml")
+    student = load_config(FinetuneConfig, root / "cifar10_deit_tiny_distill.yaml")
+    assert teacher.model.name.startswith("timm:") and not teacher.distill.enabled
+    assert student.distill.teacher == teacher.run.dir and student.distill.type == "hard"
+    assert (student.data.mean, student.data.std) == (teacher.data.mean, teacher.data.std)

@@ -72,6 +72,12 @@ class DistillConfig:
     def enabled(self) -> bool:
         return bool(self.teacher)
 
+    def loss(self, outputs, targets: torch.Tensor, teacher_logits: torch.Tensor,
+             base_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The training loss of this section's :func:`distillation_loss` (type, alpha, tau)."""
+        return distillation_loss(outputs, targets, teacher_logits, base_loss, kind=self.type, alpha=self.alpha,
+                                 tau=self.tau).loss
+
 
 # --------------------------------------------------------------------------- losses
 
@@ -130,17 +136,6 @@ def distillation_loss(
     else:
         raise ValueError(f"kind={kind!r}: use 'hard' or 'soft'")
     return DistillLoss((1.0 - alpha) * base + alpha * dist, base.detach(), dist.detach())
-
-
-def head_logits(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each head's own logits of a two-head classifier (``{"cls": ..., "dist": ...}``), else ``{}``.
-
-    Evaluation reports the averaged prediction (the model's output) and these.
-    """
-    if not hasattr(model, "forward_heads"):
-        return {}
-    cls_logits, dist_logits = model.forward_heads(model.forward_features(images))
-    return {"cls": cls_logits, "dist": dist_logits}
 
 
 # --------------------------------------------------------------------------- teacher
