@@ -43,13 +43,15 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=500, help="training images per class")
     p.add_argument("--test-per-class", type=int, default=200)
     p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--depth", type=int, default=12, help="DeiT-Tiny: 12 blocks of width 192, 3 heads")
+    p.add_argument("--depth", type=int, default=12, help="blocks (DeiT-Tiny: 12, width 192, 3 heads)")
     p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
     p.add_argument("--ft-epochs", type=int, default=10, help="fine-tune epochs at 100%% labels")
     p.add_argument("--ft-epochs-low", type=int, default=None, help="at 10%% labels (default: 3x --ft-epochs)")
     p.add_argument("--teacher", default="timm:resnet18")
-    p.add_argument("--teacher-args", default="{}", help="JSON model.args of the teacher")
+    p.add_argument("--teacher-args", default="{output_stride: 8}",
+                   help="model.args of the teacher (ResNet at 32 px: dilate the last two stages)")
+    p.add_argument("--teacher-epochs", type=float, default=2.0, help="teacher epochs = this x the students'")
     p.add_argument("--teacher-lr", type=float, default=4e-3, help="base lr (x batch/256) of the teacher")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--scratch-distill", action="store_true", help="also: from scratch + distillation")
@@ -83,8 +85,9 @@ def main() -> None:
     save("budget", dict(per_class=a.per_class, test_per_class=a.test_per_class, patch=a.patch, depth=a.depth,
                         pretrain_epochs=a.pretrain_epochs, ft_epochs=a.ft_epochs,
                         ft_epochs_low=a.ft_epochs_low or 3 * a.ft_epochs, teacher=a.teacher,
+                        teacher_args=a.teacher_args, teacher_epochs=a.teacher_epochs, alpha=a.alpha,
                         threads=torch.get_num_threads()))
-    size = [f"model.patch_size={a.patch}", f"model.args={json.dumps(dict(depth=a.depth))}"]
+    size = [f"model.patch_size={a.patch}", f"model.args={{depth: {a.depth}}}"]
     enc_path = out / "pretrain" / "encoder.safetensors"
     if "pretrain" in stages and not enc_path.is_file():
         t = time.time()
@@ -122,7 +125,8 @@ def main() -> None:
             t = time.time()
             res = finetune(load_config(FinetuneConfig, None, [
                 f"model.name={a.teacher}", f"model.args={a.teacher_args}", "model.drop_path=0.05",
-                *common(frac, epochs, name), f"optim.base_lr={a.teacher_lr}", "optim.layer_decay=1.0",
+                *common(frac, round(epochs * a.teacher_epochs), name), f"optim.base_lr={a.teacher_lr}",
+                "optim.layer_decay=1.0",
             ]))
             record(name, res, t)
     for frac, tag, epochs in plans:
