@@ -220,3 +220,84 @@ def test_teacher_and_student_recipes_load():
     assert teacher.model.name.startswith("timm:") and not teacher.distill.enabled
     assert student.distill.teacher == teacher.run.dir and student.distill.type == "hard"
     assert (student.data.mean, student.data.std) == (teacher.data.mean, teacher.data.std)
+
+
+# ----------------------------------------------------------------------------- during pretraining (DMAE)
+def _student_mae():
+    from maevit.models import create_mae
+
+    return create_mae("mae_deit_tiny_patch16", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                      decoder_depth=1, decoder_embed_dim=32, decoder_num_heads=2)
+
+
+def _teacher_encoder(tmp_path, patch_size=8):
+    from maevit.models import create_mae, export_encoder
+
+    mae = create_mae("mae_vit_small_patch16", img_size=32, patch_size=patch_size, depth=1, decoder_depth=1)
+    return mae.encoder.eval(), export_encoder(mae, tmp_path / f"teacher{patch_size}.safetensors")
+
+
+def test_feature_teacher_encodes_the_students_visible_units(tmp_path):
+    from maevit.train.distill import FeatureDistillConfig, StudentTokens, build_feature_teacher, feature_distill_loss
+
+    student = _student_mae().train()
+    enc, path = _teacher_encoder(tmp_path)
+    teacher = build_feature_teacher(FeatureDistillConfig(teacher=str(path)), student.encoder,
+                                    student_mean=(0.5,) * 3, student_std=(0.25,) * 3)
+    x = torch.randn(2, 3, 32, 32)
+    mask = student.random_mask(2, generator=torch.Generator().manual_seed(0))
+    feats = teacher(x, mask)
+    assert feats.shape == (2, 4, 384) and feats.grad_fn is None  # 4 visible of 16 patches, no prefix
+    with torch.no_grad():
+        torch.testing.assert_close(feats, enc.forward_masked(x, mask)[:, 1:])
+    tokens = StudentTokens(student.encoder, 0)  # block 0's output, by a hook
+    out = student(x, mask=mask)
+    assert tokens(out.latent).shape == (2, 4, 64)
+    proj = torch.nn.Linear(64, 384)
+    loss = out.loss + feature_distill_loss(tokens(out.latent), feats, proj)
+    loss.backward()
+    assert proj.weight.grad is not None and student.encoder.blocks[0].attn.qkv.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+    assert torch.equal(StudentTokens(student.encoder, None)(out.latent), out.latent[:, 2:])
+    _, other = _teacher_encoder(tmp_path, patch_size=4)
+    with pytest.raises(ValueError, match="same patches and mask units"):
+        build_feature_teacher(FeatureDistillConfig(teacher=str(other)), student.encoder, student_mean=(0.5,) * 3,
+                              student_std=(0.25,) * 3)
+    with pytest.raises(ConfigError, match="student_block=7"):
+        StudentTokens(student.encoder, 7)
+
+
+@pytest.mark.slow
+def test_pretraining_with_a_feature_teacher_resumes_exactly(tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from maevit.config import load_config
+    from maevit.train.pretrain import PretrainConfig, train
+
+    _, teacher = _teacher_encoder(tmp_path)
+    args = ["model.name=mae_deit_tiny_patch16", "model.img_size=32", "model.patch_size=8", "model.embed_dim=64",
+            "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
+            "model.decoder_num_heads=2", "data.train=bundled:train", "data.batch_size=8", "data.num_workers=0",
+            "data.shuffle_buffer=64", "optim.epochs=1", "optim.warmup_epochs=0.05", "run.progress=false",
+            "run.viz_every=0", "run.log_every=1", "run.ckpt_every=2", "optim.accum_steps=2",
+            f"distill.teacher={teacher}", "distill.student_block=-1", "distill.weight=0.5"]
+    cfg = lambda run, *more: load_config(PretrainConfig, None, [*args, f"run.dir={run}", *more])  # noqa: E731
+    train(cfg(tmp_path / "full", "optim.max_steps=4"))
+    assert train(cfg(tmp_path / "part", "optim.max_steps=2"))["step"] == 2
+    assert train(cfg(tmp_path / "part", "optim.max_steps=4"))["resumed_from"].endswith("step-00000002")
+    rows = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    assert rows(tmp_path / "part") == rows(tmp_path / "full") and len(rows(tmp_path / "full")) == 4
+    a, b = tmp_path / "full" / "checkpoints" / "step-00000004", tmp_path / "part" / "checkpoints" / "step-00000004"
+    for name in ("model.safetensors", "model_1.safetensors"):  # the MAE, then the projection
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the checkpoint holds the MAE and the projection, never the teacher; the optimizer the same
+    assert set(load_file(a / "model_1.safetensors")) == {"weight", "bias"}
+    mae_keys = set(_student_mae().state_dict())
+    assert set(load_file(a / "model.safetensors")) == mae_keys
+    opt = torch.load(a / "optimizer.bin", weights_only=True)
+    n_trainable = sum(1 for p in _student_mae().parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in opt["param_groups"]) == n_trainable + 2
+    # off by default: the same command without a teacher has no projection
+    train(cfg(tmp_path / "plain", "optim.max_steps=2", "distill.teacher=null"))
+    assert not (tmp_path / "plain" / "checkpoints" / "step-00000002" / "model_1.safetensors").exists()

@@ -1,4 +1,4 @@
-"""Knowledge distillation at fine-tuning (DeiT): losses, the config section and a frozen teacher.
+"""Knowledge distillation: at fine-tuning (DeiT), and optionally during MAE pretraining (DMAE).
 
 DeiT (Touvron et al., 2021) adds a distillation token whose head learns from a
 teacher, next to the class token's head that learns from the labels:
@@ -22,6 +22,15 @@ The loss formulas follow timm's task and DeiT's code; the one difference from
 DeiT's code is the soft loss's reduction: the mean over samples (timm's
 ``batchmean``, a true KL per sample) where DeiT divides the summed KL by
 ``batch x classes``.
+
+During pretraining (DMAE, Bai et al., 2023; off by default): a frozen teacher
+encoder (any encoder this toolkit loads) encodes the *same visible units* as
+the student, and a linear projection of the student's patch tokens (the output
+of one of its blocks, or of the encoder) is pulled towards the teacher's with
+an L1 loss added to the pixel loss:
+``loss = pixel loss + weight * |proj(student tokens) - teacher tokens|``. The
+projection is trained with the MAE and saved in its training checkpoints (not
+in its encoder or MAE files); the teacher is never trained nor saved.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ from timm.task.distillation import DistillationTeacher
 from torch import nn
 
 from maevit.config import ConfigError
+from maevit.models.masking import Mask
 
 # --------------------------------------------------------------------------- config
 
@@ -172,9 +182,13 @@ class Teacher(DistillationTeacher):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, C]`` for ``images`` normalised as the student's are."""
-        return self.model(self.normalize_input(images, self.student_mean, self.student_std))
+    def forward(self, images: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
+        """Logits ``[B, C]`` for ``images`` normalised as the student's are; with a ``mask``
+        (an encoder teacher, DMAE), the patch tokens ``[B, K, D]`` it gives the visible units."""
+        images = self.normalize_input(images, self.student_mean, self.student_std)
+        if mask is None:
+            return self.model(images)
+        return self.model.forward_masked(images, mask)[:, self.model.num_prefix_tokens:]
 
 
 def resolve_teacher_file(path: str | os.PathLike) -> Path:
@@ -239,3 +253,97 @@ def build_teacher(
     teacher = Teacher(model, mean, std, student_mean, student_std).to(device)
     teacher.source = source
     return teacher
+
+
+# --------------------------------------------------------------------------- during pretraining (DMAE)
+
+
+@dataclass
+class FeatureDistillConfig:
+    """The pretrain config's ``distill`` section: DMAE-style feature distillation (off unless ``teacher`` is set)."""
+
+    teacher: str | None = None  # a frozen encoder this toolkit loads: RUN_DIR, encoder / MAE / classifier file
+    weight: float = 1.0  # weight of the L1 feature loss added to the pixel loss
+    student_block: int | None = None  # student tokens: output of encoder.blocks[i] (ViT-like); None: the encoder's
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"distill.weight must be >= 0, got {self.weight}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+class StudentTokens:
+    """The student's patch tokens for feature distillation: the output of ``encoder.blocks[block]``
+    (read by a forward hook, so the encoder's code is untouched), or of the encoder itself.
+
+    Args:
+        encoder: the MAE's encoder.
+        block: a block index (negative counts from the end), or None for the encoder's output.
+    """
+
+    def __init__(self, encoder: nn.Module, block: int | None) -> None:
+        self.prefix = encoder.num_prefix_tokens
+        self.block = block
+        self._out: torch.Tensor | None = None
+        if block is not None:
+            blocks = getattr(encoder, "blocks", None)
+            if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not -len(blocks) <= block < len(blocks):
+                have = f"{len(blocks)} blocks" if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else "no `blocks`"
+                raise ConfigError(
+                    f"distill.student_block={block}: {type(encoder).__name__} has {have}; pass a block index of a "
+                    "ViT-like encoder, or distill.student_block=null to distil the encoder's output"
+                )
+            blocks[block].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self._out = output
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        """``latent`` (the MAE's ``[B, prefix + K, D]``) -> the chosen ``[B, K, D]`` patch tokens."""
+        tokens = latent if self.block is None else self._out
+        if tokens is None or tokens.shape[:2] != latent.shape[:2]:
+            raise RuntimeError(f"block {self.block} gave no visible-token output of the latent's shape "
+                               f"{tuple(latent.shape)}: use distill.student_block=null for this encoder")
+        return tokens[:, self.prefix:]
+
+
+def build_feature_teacher(
+    cfg: FeatureDistillConfig,
+    student: nn.Module,
+    *,
+    student_mean: Sequence[float],
+    student_std: Sequence[float],
+    device: torch.device | str = "cpu",
+) -> Teacher:
+    """The frozen encoder of ``cfg.teacher``, checked to encode the student's masks.
+
+    Raises:
+        ValueError: a teacher whose patches or mask units differ from the student's.
+    """
+    from maevit.models.classifier import create_classifier
+    from maevit.models.weights import read_header
+
+    header = read_header(cfg.teacher)
+    model = create_classifier(None, 0, pretrained=cfg.teacher, global_pool=None)  # the file names its encoder
+    if not hasattr(model, "forward_masked"):
+        raise ValueError(f"distill.teacher={cfg.teacher} is not an encoder with a masked path (a timm classifier?): "
+                         "pass an MAE run, an encoder or a classifier file of a registered model")
+    mine = (tuple(student.img_size), student.patch_size, student.mask_unit)
+    theirs = (tuple(model.img_size), model.patch_size, model.mask_unit)
+    if mine != theirs:
+        raise ValueError(
+            f"the teacher {cfg.teacher} sees (img_size, patch_size, mask_unit) = {theirs}, the student {mine}: "
+            "the teacher encodes the student's visible units, so both need the same patches and mask units"
+        )
+    mean, std = header.get("mean", student_mean), header.get("std", student_std)
+    teacher = Teacher(model, mean, std, student_mean, student_std).to(device)
+    teacher.source = str(cfg.teacher)
+    return teacher
+
+
+def feature_distill_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+    """Mean L1 between ``proj(student_tokens) [B, K, Dt]`` and ``teacher_tokens [B, K, Dt]``."""
+    return F.l1_loss(proj(student_tokens).float(), teacher_tokens.float())
