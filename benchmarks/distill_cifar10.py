@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--scratch-distill", action="store_true", help="also: from scratch + distillation")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--only", default="", help="comma list of stages: pretrain,teacher,student")
+    p.add_argument("--only", default="", help="comma list of stages: pretrain,teacher,student,diagnose")
     a = p.parse_args()
 
     from maevit.config import load_config
@@ -71,7 +71,7 @@ def main() -> None:
             tar.extractall(data, filter="data")
     train = _subset(data / "train", out / f"train{a.per_class}", a.per_class)
     test = _subset(data / "test", out / f"test{a.test_per_class}", a.test_per_class)
-    stages = set(a.only.split(",")) if a.only else {"pretrain", "teacher", "student"}
+    stages = set(a.only.split(",")) if a.only else {"pretrain", "teacher", "student", "diagnose"}
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
@@ -151,6 +151,15 @@ def main() -> None:
                 ov += [f"distill.teacher={teach}", "distill.type=hard", f"distill.alpha={a.alpha}"]
             record(name, finetune(load_config(FinetuneConfig, None, ov)), t)
 
+    if "diagnose" in stages:  # how far each student follows its teacher on the test set
+        for tag in ("10", "100"):
+            for kind in ("mae_distill", "mae", "scratch", "scratch_distill"):
+                name, key = f"ft_{kind}_{tag}", f"agree_{kind}_{tag}"
+                if key in results or not (out / name / "classifier.safetensors").is_file() or \
+                        not (out / f"teacher_{tag}" / "classifier.safetensors").is_file():
+                    continue
+                save(key, _agreement(out / name, out / f"teacher_{tag}", test, a.workers))
+
     def cell(key: str, field: str = "top1") -> str:
         v = results.get(key, {}).get(field)
         return f"{v:.1f}%" if v is not None else "-"
@@ -167,6 +176,35 @@ def main() -> None:
             if any(f"top1_{head}" in results.get(f"ft_{kind}_{t}", {}) for t in ("10", "100")):
                 print(f"| ... {head} head alone | {cell(f'ft_{kind}_10', 'top1_' + head)} | "
                       f"{cell(f'ft_{kind}_100', 'top1_' + head)} |")
+
+
+def _agreement(student_dir: Path, teacher_dir: Path, test: Path, workers: int) -> dict[str, float]:
+    """Test-set agreement (%) of the student's heads with the teacher's predictions, and where they differ,
+    which one is right: is the distillation head learning the teacher, and is the teacher worth learning?"""
+    import torch
+
+    from maevit.data.stream import labeled_loader
+    from maevit.train.evaluate import classifier_logits, load_classifier
+
+    student, head = load_classifier(student_dir)
+    teacher, _ = load_classifier(teacher_dir)
+    student.eval(), teacher.eval()
+    loader = labeled_loader(str(test), img_size=32, batch_size=250, train=False, num_workers=workers,
+                            mean=tuple(head["mean"]), std=tuple(head["std"]))
+    n = 0
+    counts: dict[str, float] = {}
+    with torch.no_grad():
+        for x, y in loader:
+            t = teacher(x).argmax(-1)
+            logits, heads = classifier_logits(student, x)
+            preds = {"avg": logits.argmax(-1), **{h: v.argmax(-1) for h, v in heads.items()}}
+            for h, pr in preds.items():
+                counts[f"{h}_agrees"] = counts.get(f"{h}_agrees", 0) + (pr == t).sum().item()
+            s = preds["avg"]
+            counts["differ_student_right"] = counts.get("differ_student_right", 0) + ((s != t) & (s == y)).sum().item()
+            counts["differ_teacher_right"] = counts.get("differ_teacher_right", 0) + ((s != t) & (t == y)).sum().item()
+            n += len(y)
+    return {k: round(100.0 * v / n, 2) for k, v in counts.items()}
 
 
 if __name__ == "__main__":
