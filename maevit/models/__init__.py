@@ -20,6 +20,7 @@ from . import sret  # noqa: E402,F401  (isort: skip)
 from . import swin  # noqa: E402,F401  (isort: skip)
 from . import hiera  # noqa: E402,F401  (isort: skip)
 from . import hybrid, cvt  # noqa: E402,F401  (isort: skip)  convolutional ViTs (issue 11)
+from . import deit  # noqa: E402,F401  (isort: skip)
 from .vit import ViTEncoder  # noqa: E402
 
 __all__ = [

@@ -23,9 +23,12 @@ from torch import nn
 from .registry import ModelArgumentError, create_encoder
 from .weights import load_encoder_weights, read_header
 
-HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.")  # may be new in a classifier built from an encoder
+# may be new in a classifier built from an encoder: the heads, fc_norm, and DeiT's distillation token
+# when the file has a class token only (maevit.models.deit)
+HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.", "dist_token")
 # an encoder's final norm, which a classifier with average pooling replaces by a fresh fc_norm (as published)
 REPLACED_PREFIXES = ("norm.",)
+TIMM_PREFIX = "timm:"  # create_classifier("timm:resnet18", ...): any timm classifier, e.g. a CNN teacher
 
 
 def resolve_architecture(
@@ -60,7 +63,9 @@ def create_classifier(
     """Build a classifier from a registered encoder and optionally load pretrained weights.
 
     Args:
-        name: a registered name (``maevit models``); None: the one in ``pretrained``'s header.
+        name: a registered name (``maevit models``), or ``timm:<arch>`` for any timm
+            classifier trained from scratch or from a weights file (a CNN teacher for
+            distillation; no MAE path, no downloads); None: the one in ``pretrained``'s header.
         num_classes: classes of the new head (0 = no head, pooled features only).
         pretrained: weights in any supported layout (maevit run / file, published
             MAE, Hugging Face ViTMAE, timm), or None for random initialisation.
@@ -80,6 +85,9 @@ def create_classifier(
         >>> clf = create_classifier("mae_vit_tiny_patch16", 10, img_size=32, patch_size=4)
     """
     name, build, header = resolve_architecture(name, pretrained)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_classifier(name[len(TIMM_PREFIX):], num_classes, pretrained, global_pool=global_pool,
+                                strict=strict, verbose=verbose, **{**build, **overrides})
     model = create_encoder(name, **{**build, **overrides})
     pool = global_pool or header.get("global_pool")
     model.reset_classifier(num_classes, pool)
@@ -90,6 +98,66 @@ def create_classifier(
         if verbose:
             print(model.load_report)
     return model
+
+
+def _timm_classifier(
+    arch: str,
+    num_classes: int,
+    pretrained: str | os.PathLike | Mapping[str, torch.Tensor] | None,
+    *,
+    global_pool: str | None,
+    strict: bool,
+    verbose: bool,
+    **kwargs: Any,
+) -> nn.Module:
+    """A timm classifier (e.g. a ResNet or RegNet teacher) with the members that fine-tuning,
+    file headers and weight loading use: ``model_name`` (``timm:<arch>``), ``build_args``,
+    ``timm_spec()`` and ``checkpoint_filter()``. It keeps timm's own pooling and names, so its
+    classifier file is a plain timm state dict (``timm.create_model(arch, ...)`` loads it).
+
+    Set on the instance rather than by subclassing, because the class is whatever timm builds
+    for ``arch``.
+    """
+    import timm
+
+    from .registry import _jsonable, _suggest
+
+    if not timm.is_model(arch):
+        raise ModelArgumentError(
+            f"unknown timm model {arch!r}.{_suggest(arch, timm.list_models())} Name any architecture of "
+            "`timm.list_models()` after 'timm:' (e.g. timm:resnet18); it is built without downloading weights"
+        )
+    if global_pool not in (None, "avg"):
+        raise ValueError(f"global_pool={global_pool!r} does not apply to timm:{arch}: timm models keep their own "
+                         "pooling; leave model.global_pool at its default")
+    img_size = kwargs.pop("img_size", None)
+    sized = {} if img_size is None else {"img_size": img_size}
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs, **sized)
+    except TypeError:
+        if not sized:
+            raise
+        # a convolutional network takes any input size and has no img_size argument
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        sized = {}
+    model.model_name = TIMM_PREFIX + arch
+    model.build_args = _jsonable({**kwargs, **({} if img_size is None else {"img_size": img_size})})
+    if img_size is not None:  # the size it is trained and evaluated at (CNNs take any)
+        model.img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+    spec = (arch, {**_jsonable(kwargs), **_jsonable(sized), "num_classes": num_classes})
+    model.timm_spec = lambda: spec
+    model.checkpoint_filter = dict  # its own names: nothing to map
+    model.load_report = None
+    if pretrained is not None:
+        fresh = tuple(f"{c}." for c in _as_tuple(model.pretrained_cfg.get("classifier")))
+        model.load_report = load_encoder_weights(model, pretrained, strict=strict, fresh=fresh)
+        if verbose:
+            print(model.load_report)
+    return model
+
+
+def _as_tuple(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (list, tuple)) else ((x,) if x else ())
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

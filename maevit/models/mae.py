@@ -191,6 +191,7 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        mask: Mask | None = None,
     ) -> MAEOutput:
         """Mask, encode, decode and score a batch.
 
@@ -199,9 +200,12 @@ class MaskedAutoencoder(nn.Module):
             mask_ratio: overrides the model's default ratio for this call.
             noise: ``[B, U]`` over mask units; the same noise gives the same mask.
             generator: draws the noise when ``noise`` is not given.
+            mask: a mask already drawn by :meth:`random_mask` (when the caller needs it too, e.g. a
+                distillation teacher that encodes the same visible units); the arguments above are then unused.
         """
-        mask = self.random_mask(imgs.shape[0], mask_ratio=mask_ratio, noise=noise, generator=generator,
-                                device=imgs.device)
+        if mask is None:
+            mask = self.random_mask(imgs.shape[0], mask_ratio=mask_ratio, noise=noise, generator=generator,
+                                    device=imgs.device)
         encode = self.encoder.forward_masked if self.encoder_path == "visible" else self.encoder.forward_mask_tokens
         latent = encode(imgs, mask)  # [B, prefix + K, D]
         pred = self.decoder(latent, mask.ids_restore)  # [B, L, p*p*C]

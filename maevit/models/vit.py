@@ -203,14 +203,19 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
             x = x + self.pos_embed[:, self.num_prefix_tokens:]
         return x
 
+    def _prefix_tokens(self) -> torch.Tensor:
+        """The prefix tokens ``[1, num_prefix_tokens, D]`` before their position (the class token;
+        DeiT adds its distillation token here)."""
+        return self.cls_token
+
     def _encode(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """Blocks over prefix + patch tokens ``x [B, K, D]`` that sit at patch indices ``ids [B, K]``
         (None: all patches in order)."""
         b = x.shape[0]
-        prefix = self.cls_token
+        prefix = self._prefix_tokens()  # [1, n, D]
         if self.pos_embed is not None:
             prefix = prefix + self.pos_embed[:, :self.num_prefix_tokens]
-        x = torch.cat([prefix.expand(b, -1, -1), x], dim=1)  # [B, 1 + K, D]
+        x = torch.cat([prefix.expand(b, -1, -1), x], dim=1)  # [B, n + K, D]
         x = self.norm_pre(x)
         rope = bias_index = None
         if self.rope is not None:
@@ -251,7 +256,7 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         return torch.cat([prefix, gather_tokens(out, ids)], dim=1)
 
     def forward_masked(self, x: torch.Tensor, mask: Mask) -> torch.Tensor:
-        """Encode only the visible patches: ``[B, C, H, W]`` -> ``[B, 1 + K, D]`` (``mask.ids_keep`` order)."""
+        """Encode only the visible patches: ``[B, C, H, W]`` -> ``[B, prefix + K, D]`` (``mask.ids_keep`` order)."""
         self.check_input(x)
         # dropping masked patches after the per-patch embedding means their pixels cannot reach the output
         tokens = gather_tokens(self._embed(x, mask), mask.ids_keep)  # [B, K, D]
@@ -268,7 +273,7 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         return torch.cat([out[:, :n], gather_tokens(out[:, n:], mask.ids_keep)], dim=1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens ``[B, 1 + L, D]`` of the full image (timm's meaning)."""
+        """All tokens ``[B, prefix + L, D]`` of the full image (timm's meaning)."""
         return self._encode(self._embed(x), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,12 +323,14 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         from timm.layers import resize_rel_pos_bias_table
 
         out = dict(state_dict)
+        n = self.num_prefix_tokens
+        # prefix tokens in the file: the class token, and DeiT's distillation token when present
+        n_src = ("cls_token" in out) + ("dist_token" in out) if "cls_token" in out else n
+        if n == 1:
+            out.pop("dist_token", None)  # a distilled DeiT file into a plain ViT: the class token is kept
         pe = out.get("pos_embed")
         if pe is not None and self.pos_embed is not None and pe.shape != self.pos_embed.shape:
-            n = self.num_prefix_tokens
-            old = _square_grid(pe.shape[1] - n)
-            out["pos_embed"] = resample_abs_pos_embed(pe.float(), list(self.grid_size), list(old),
-                                                      num_prefix_tokens=n).to(pe.dtype)
+            out["pos_embed"] = adapt_pos_embed(pe, n_src, n, self.grid_size)
         if self.pos_encoding == "relpos":
             own = self.state_dict()
             for k, v in state_dict.items():
@@ -331,6 +338,10 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
                     out[k] = resize_rel_pos_bias_table(v, new_window_size=self.grid_size,
                                                        new_bias_shape=own[k].shape)
         return out
+
+    def _timm_archs(self, size: str) -> tuple[str, ...]:
+        """timm architectures of this family and size, in order of preference (the sizes are overridden)."""
+        return f"vit_{size}_patch{self.patch_size}_224", f"vit_{size}_patch16_224", f"vit_{size}_patch14_224"
 
     def timm_spec(self) -> tuple[str, dict] | None:
         """The timm architecture and arguments that load this module's state dict strictly.
@@ -343,10 +354,9 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         args = self.build_args or {}
         if args.get("pos_encoding", "sincos") not in ("sincos", "learn") or args.get("attention", "mha") != "mha":
             return None
-        m = re.match(r"mae_vit_(tiny|small|base|large|huge)_", self.model_name or "")
+        m = re.match(r"mae_[a-z]+_(tiny|small|base|large|huge)_", self.model_name or "")
         size = m.group(1) if m else {v["embed_dim"]: k for k, v in VIT_SIZES.items()}.get(self.embed_dim, "base")
-        arch = next((a for a in (f"vit_{size}_patch{self.patch_size}_224", f"vit_{size}_patch16_224",
-                                 f"vit_{size}_patch14_224") if timm.is_model(a)), None)
+        arch = next((a for a in self._timm_archs(size) if timm.is_model(a)), None)
         if arch is None:
             return None
         kwargs: dict = dict(img_size=list(self.img_size), patch_size=self.patch_size, num_classes=self.num_classes,
@@ -364,6 +374,32 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
         if mlp_ratio != 4.0:
             kwargs["mlp_ratio"] = mlp_ratio
         return arch, kwargs
+
+
+def adapt_pos_embed(pos_embed: torch.Tensor, n_src: int, n_dst: int, grid: tuple[int, int]) -> torch.Tensor:
+    """A ``[1, n_src + L, D]`` position table -> ``[1, n_dst + gh * gw, D]``.
+
+    The patch rows are resampled to ``grid`` (bicubic, as the published fine-tuning
+    does); the first ``min(n_src, n_dst)`` prefix rows are kept, extra source rows
+    (a DeiT distillation slot going into a plain ViT) are dropped and new ones
+    (a plain ViT / MAE file going into a DeiT) are zeros: a prefix token's position
+    row only adds to the token's own learned vector, so a new token needs no
+    position of its own, and zero is what MAE's sin-cos table gives the class token.
+
+    Args:
+        pos_embed: ``[1, n_src + L, D]`` with ``L`` a square number of patches.
+        n_src: prefix rows in ``pos_embed``.
+        n_dst: prefix rows wanted.
+        grid: ``(gh, gw)`` patch grid wanted.
+    """
+    prefix, patches = pos_embed[:, :n_src], pos_embed[:, n_src:]  # [1, n_src, D], [1, L, D]
+    old = _square_grid(patches.shape[1])
+    if tuple(old) != tuple(grid):
+        patches = resample_abs_pos_embed(patches.float(), list(grid), list(old), num_prefix_tokens=0)
+        patches = patches.to(pos_embed.dtype)
+    if n_dst > n_src:
+        prefix = torch.cat([prefix, prefix.new_zeros(1, n_dst - n_src, prefix.shape[-1])], dim=1)
+    return torch.cat([prefix[:, :n_dst], patches], dim=1)  # [1, n_dst + gh * gw, D]
 
 
 def _square_grid(num_patches: int) -> tuple[int, int]:

@@ -549,7 +549,9 @@ def header_of(module: nn.Module, kind: str, **extra: Any) -> dict[str, Any]:
     if kind == "mae":
         head["mae"] = dict(module.mae_args)
     if kind == "classifier":
-        head.update(num_classes=encoder.num_classes, global_pool=encoder.global_pool)
+        pool = encoder.global_pool  # a string, or a timm CNN's pooling module
+        head.update(num_classes=encoder.num_classes,
+                    global_pool=pool if isinstance(pool, str) else getattr(pool, "pool_type", None))
     spec = encoder.timm_spec() if kind != "mae" else None
     if spec is not None:
         head["timm_model"], head["timm_kwargs"] = spec

@@ -7,8 +7,9 @@ padded or duplicated.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -24,11 +25,14 @@ class ClassificationResult:
         confusion: ``[C, C]`` int64 counts, rows = true class, columns = predicted.
         top5_correct: samples whose label is among the 5 highest scores.
         loss_sum: summed cross-entropy over all samples.
+        head_correct: for classifiers with two heads (DeiT: ``cls`` and ``dist``), the
+            samples each head alone gets right (the prediction above averages them).
     """
 
     confusion: torch.Tensor
     top5_correct: int
     loss_sum: float
+    head_correct: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -52,8 +56,15 @@ class ClassificationResult:
         rows = self.confusion.sum(1).double()
         return 100.0 * self.confusion.diag().double() / rows.where(rows > 0, torch.nan)
 
+    @property
+    def head_top1(self) -> dict[str, float]:
+        """Top-1 (%) of each head alone (empty for one-head classifiers)."""
+        return {h: 100.0 * n / max(1, self.num_samples) for h, n in self.head_correct.items()}
+
     def summary(self) -> dict[str, float]:
-        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "samples": self.num_samples}
+        out = {"top1": self.top1, "top5": self.top5, "loss": self.loss, "samples": self.num_samples}
+        out.update({f"top1_{h}": v for h, v in self.head_top1.items()})
+        return out
 
 
 def count_predictions(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +73,18 @@ def count_predictions(logits: torch.Tensor, labels: torch.Tensor, num_classes: i
     conf = torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
     top = logits.topk(min(5, num_classes), dim=-1).indices  # [B, 5]
     return conf.view(num_classes, num_classes), (top == labels[:, None]).any(-1).sum()
+
+
+HEADS = ("cls", "dist")  # the heads of a two-head classifier (DeiT: class and distillation token)
+
+
+def classifier_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's logits, and each head's own for two-head classifiers (a model with
+    ``forward_heads``: DeiT's class and distillation heads), from one forward of the trunk."""
+    if not hasattr(model, "forward_heads"):
+        return model(images), {}
+    features = model.forward_features(images)
+    return model.forward_head(features), dict(zip(HEADS, model.forward_heads(features)))
 
 
 @torch.no_grad()
@@ -89,14 +112,15 @@ def evaluate_classifier(
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
+    # per-head hits exist on every rank (even one without batches), so the reduction below matches up
+    heads = {h: torch.zeros((), dtype=torch.long, device=device) for h in HEADS if hasattr(model, "forward_heads")}
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        if accelerator is not None:
-            with accelerator.autocast():
-                logits = model(x)
-        else:
-            logits = model(x)
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            logits, per_head = classifier_logits(model, x)
         logits = logits.float()  # [B, C]
+        for h, v in per_head.items():
+            heads[h] += (v.argmax(-1) == y).sum()
         if int(y.max()) >= num_classes or int(y.min()) < 0:
             from maevit.data.stream import DataSourceError
 
@@ -111,7 +135,8 @@ def evaluate_classifier(
         conf = accelerator.reduce(conf, "sum")
         top5 = accelerator.reduce(top5, "sum")
         loss = accelerator.reduce(loss, "sum")
-    return ClassificationResult(conf.cpu(), int(top5), float(loss))
+        heads = {h: accelerator.reduce(v, "sum") for h, v in heads.items()}
+    return ClassificationResult(conf.cpu(), int(top5), float(loss), {h: int(v) for h, v in heads.items()})
 
 
 def format_report(result: ClassificationResult, class_names: Sequence[str] | None = None, max_rows: int = 50) -> str:
@@ -119,6 +144,9 @@ def format_report(result: ClassificationResult, class_names: Sequence[str] | Non
     c = result.confusion.shape[0]
     names = list(class_names) if class_names else [str(i) for i in range(c)]
     lines = [f"samples {result.num_samples}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}"]
+    if result.head_correct:
+        lines.append("each head alone: " + ", ".join(f"{h} top-1 {v:.2f}%" for h, v in result.head_top1.items())
+                     + " (the top-1 above averages the heads)")
     per = result.per_class
     order = range(c) if c <= max_rows else per.nan_to_num(101.0).argsort()[:max_rows].tolist()
     lines.append("per-class accuracy" + ("" if c <= max_rows else f" (worst {max_rows})") + ":")
@@ -205,12 +233,12 @@ def load_classifier(path: str | os.PathLike, *, name: str | None = None, img_siz
         raise CheckpointError(f"{path} holds an {header['kind']}, not a classifier: fine-tune it first "
                               "(maevit finetune model.pretrained=...)")
     sd = encoder_state_dict(p)
-    # timm's classifier layer: head (ViT, DeiT) or head.fc (Swin, Hiera: pooling / norm live in the head)
-    head_key = next((k for k in ("head.weight", "head.fc.weight") if k in sd), None)
-    if head_key is None:
+    # timm's classifier layer: head (ViT, DeiT), head.fc (Swin, Hiera: pooling / norm live in the head), fc (ResNet)
+    head_key = next((k for k in ("head.weight", "head.fc.weight", "fc.weight") if k in sd), None)
+    num_classes = header.get("num_classes") or (int(sd[head_key].shape[0]) if head_key else 0)
+    if not num_classes:
         raise CheckpointError(f"{path} has no classification head (head.weight / head.fc.weight): fine-tune it "
                               "first (maevit finetune)")
-    num_classes = header.get("num_classes") or int(sd[head_key].shape[0])
     overrides = {} if img_size is None else {"img_size": img_size}
     model = create_classifier(name, num_classes, pretrained=p, global_pool=None, **overrides)
     if model.load_report.new:

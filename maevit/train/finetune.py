@@ -33,6 +33,7 @@ from maevit.train.common import (
     report_progress, resolve_num_workers, run_recipe_command, start_trackers, stop_requested,
 )
 from maevit.train.curves import FINETUNE_PANELS, save_run_curves
+from maevit.train.distill import DistillConfig, build_teacher
 from maevit.train.evaluate import evaluate_classifier
 from maevit.train.optim import build_adamw, param_groups_layer_decay
 
@@ -121,6 +122,7 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a teacher (DeiT distillation); off by default
 
 
 def build_criterion(cfg: DataConfig, num_classes: int):
@@ -193,6 +195,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     start_trackers(acc, cfg)
     logger.info("%s", model.load_report or f"model.pretrained is not set: training {model.model_name} from scratch")
     logger.info("%s", describe_data(train_loader, d.batch_size, acc.num_processes, d.label_fraction, d.label_seed))
+    teacher = None  # frozen, outside the optimizer, the checkpoints and accelerator.prepare: rebuilt on resume
+    if cfg.distill.enabled:
+        teacher = build_teacher(cfg.distill, num_classes=num_classes, student_mean=d.mean, student_std=d.std,
+                                device=acc.device)
+        if hasattr(model, "set_distilled_training"):  # DeiT: training returns (class, distillation) logits
+            model.set_distilled_training(True)
+        logger.info("distilling from %s: %s, alpha %g%s", teacher.source, cfg.distill.type, cfg.distill.alpha,
+                    "" if hasattr(model, "set_distilled_training") else " (one head: classic knowledge distillation)")
 
     eff_batch = d.batch_size * acc.num_processes * o.accum_steps
     sched = plan_schedule(epochs=o.epochs, batches_per_epoch=len(train_loader), accum_steps=o.accum_steps,
@@ -254,8 +264,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)  # y: [B, num_classes] soft targets
             with acc.accumulate(model):
-                with acc.autocast():
-                    loss = criterion(model(x), y)
+                with acc.autocast():  # the teacher, too, runs at the run's precision, on the same mixed images
+                    out = model(x)
+                    loss = criterion(out, y) if teacher is None else cfg.distill.loss(out, y, teacher(x), criterion)
                 acc.backward(loss)
                 guard.add_loss(loss)
                 guard.step(acc, optimizer, params, sched.lr(step), o.clip_grad)
@@ -321,6 +332,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "step": step, "epoch": epoch, "loss": losses[-1] if losses else float("nan"), "losses": losses,
         "skipped": skipped,
         "top1": result.top1 if result else None, "top5": result.top5 if result else None,
+        **({f"top1_{h}": v for h, v in result.head_top1.items()} if result else {}),
         "run_dir": str(run.root), "classifier": str(out_path), "resumed_from": str(ckpt) if ckpt else None,
         "num_processes": acc.num_processes, "timm_line": timm_load_line(header, out_path),
         "curves": str(run.root / "curves.png") if (run.root / "curves.png").is_file() else None,
@@ -331,6 +343,9 @@ def _summary(r: dict[str, Any]) -> str:
     lines = [f"fine-tuning done at step {r['step']} (last logged loss {r['loss']:.4f})"]
     if r["top1"] is not None:
         lines.append(f"  validation       top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+        heads = [f"{k[5:]} head {v:.2f}%" for k, v in r.items() if k.startswith("top1_")]
+        if heads:
+            lines.append(f"  each head top-1  {', '.join(heads)} (the top-1 above averages them)")
     lines += [f"  run directory    {r['run_dir']}", f"  classifier       {r['classifier']}"]
     if r.get("curves"):
         lines.append(f"  curves           {r['curves']}")

@@ -33,7 +33,8 @@ from maevit.train.common import (
     resolve_num_workers, run_recipe_command, start_trackers, stop_requested,
 )
 from maevit.train.curves import PRETRAIN_PANELS, save_run_curves
-from maevit.train.optim import build_adamw
+from maevit.train.distill import FeatureDistillConfig, StudentTokens, build_feature_teacher, feature_distill_loss
+from maevit.train.optim import build_adamw, param_groups
 
 logger = logging.getLogger("maevit.pretrain")
 __all__ = ["PretrainConfig", "train", "main", "NonFiniteLossError"]
@@ -128,6 +129,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distill: FeatureDistillConfig = field(default_factory=FeatureDistillConfig)  # DMAE-style; off by default
 
 
 def _loader(cfg: PretrainConfig, acc, **kw):
@@ -207,10 +209,22 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         log_memory_estimate(acc, model, (cfg.data.batch_size, model.encoder.in_chans, *model.encoder.img_size),
                             cfg.run.precision)
     optimizer = build_adamw(model.to(acc.device), sched.peak_lr, o.weight_decay, o.betas)
+    teacher = proj = None  # DMAE: a frozen teacher encoder (never trained or saved) and a trained projection
+    if cfg.distill.enabled:
+        teacher = build_feature_teacher(cfg.distill, model.encoder, student_mean=cfg.data.mean,
+                                        student_std=cfg.data.std, device=acc.device)
+        student_tokens = StudentTokens(model.encoder, cfg.distill.student_block)
+        proj = torch.nn.Linear(model.encoder.num_features, teacher.model.num_features).to(acc.device)
+        for group in param_groups(proj, o.weight_decay):
+            optimizer.add_param_group(group)
+        logger.info("distilling features from %s (weight %g)", teacher.source, cfg.distill.weight)
     if cfg.run.compile:
         model.compile()  # in place: parameter names stay the same (no "_orig_mod.")
-    model, optimizer = acc.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if proj is None:
+        model, optimizer = acc.prepare(model, optimizer)
+    else:  # the projection is saved in the training checkpoints beside the MAE (model_1.safetensors)
+        model, proj, optimizer = acc.prepare(model, proj, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj is not None else [])
     # masking noise from a generator of its own per rank: saved in checkpoints, untouched by data code
     mask_gen = torch.Generator(acc.device).manual_seed(cfg.run.seed * 1000 + acc.process_index)
     header = header_of(acc.unwrap_model(model), "mae")
@@ -249,9 +263,16 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         for imgs in batches_from(loader, epoch, batch):
             imgs = imgs.to(acc.device, non_blocking=True)  # [B, C, H, W]
             with acc.accumulate(model):
-                out = model(imgs, generator=mask_gen)
-                acc.backward(out.loss)
-                guard.add_loss(out.loss)
+                if teacher is None:
+                    loss = model(imgs, generator=mask_gen).loss
+                else:  # one mask for both: the teacher encodes the student's visible units
+                    mask = acc.unwrap_model(model).random_mask(imgs.shape[0], generator=mask_gen, device=acc.device)
+                    out = model(imgs, mask=mask)
+                    with acc.autocast():
+                        distill = feature_distill_loss(student_tokens(out.latent), teacher(imgs, mask), proj)
+                    loss = out.loss + cfg.distill.weight * distill
+                acc.backward(loss)
+                guard.add_loss(loss)
                 guard.step(acc, optimizer, params, sched.lr(step), o.clip_grad)
             batch = loader.state_dict()["batch"]  # the stream's position: what a resume skips to
             if not acc.sync_gradients:
