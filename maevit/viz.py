@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     """``maevit visualize CHECKPOINT --data SRC --out grid.png``."""
     parser = argparse.ArgumentParser(prog="maevit visualize", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a run directory, a checkpoints/step-* directory, or an MAE weights file")
-    parser.add_argument("--data", help="images to show (shards, folder, 'bundled'); default: the run's data.train")
+    parser.add_argument("--data", help="images to show (shards, folder, 'sample:val', 'bundled'); default: the run's data.train")
     parser.add_argument("--out", default="reconstruction.png", help="output PNG")
     parser.add_argument("--model", help="model name (needed for a bare weights file; default: the run's)")
     parser.add_argument("--img-size", type=int, help="default: the run's model.img_size, else 224")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     data = args.data or (cfg.data.train if run_dir else None)
     if not data:
-        print("maevit visualize: pass --data SRC (shards, an image folder, or 'bundled')", file=sys.stderr)
+        print("maevit visualize: pass --data SRC (shards, an image folder, 'sample:val' or 'bundled')", file=sys.stderr)
         return 2
     model = create_mae(name, checkpoint=weights, **overrides).eval()
     img_size = overrides.get("img_size", 224)
