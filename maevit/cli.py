@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("maevit.viz:main", "reconstruction grids from an MAE checkpoint"),
     "shards": ("maevit.data.shards:main", "write / inspect / check webdataset shards"),
     "export": ("maevit.export:main", "export encoder weights with their architecture (timm-loadable where timm can)"),
-    "demo": ("maevit.demo:main", "pretrain + fine-tune the tiny model on the bundled data"),
+    "demo": ("maevit.demo:main", "MAE-pretrained vs from scratch on the shipped photos, in minutes"),
     "models": ("maevit.cli:main_models", "list registered models"),
 }
 

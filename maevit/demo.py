@@ -1,77 +1,314 @@
-"""``maevit demo``: pretrain the tiny MAE on the bundled images, then fine-tune it.
+"""``maevit demo``: does MAE pretraining help? Measured in one run, on real photos.
 
-Runs ``pretrain/demo.yaml`` into ``OUT/pretrain`` (a few minutes on 2 CPU
-cores), then -- when the fine-tuning stage is installed and
-``finetune/demo.yaml`` exists -- fine-tunes the pretrained encoder into
-``OUT/finetune``. Re-running resumes; ``--fresh`` starts over (old runs are
-moved aside, never deleted).
+1. MAE-pretrains a small ViT (``pretrain/demo.yaml``) on the 5,000 CIFAR-10 photos
+   shipped with maevit (``sample:train``; labels unused) -> ``OUT/pretrain``;
+2. kNN top-1 of the pretrained encoder and of a randomly initialised one (no training);
+3. fine-tunes (``finetune/demo.yaml``) the pretrained encoder on 10% of the labels
+   (500 photos), and the *same* architecture from scratch with the same recipe and
+   budget (layer decay off: it would only slow a random network's lower blocks);
+   ``--full`` adds the same pair on 100% of the labels;
+4. prints the comparison (top-1 on the 1,000 photos of ``sample:val``, images/s,
+   time) and writes it to ``OUT/demo.json``.
+
+A second run with the same settings shows the results again; ``--fresh`` runs
+the demo again (the old runs are moved to ``OUT/previous-<time>/``, never deleted).
+An interrupted demo resumes where it stopped.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import logging
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+STATE = "demo.json"
+TAGS = ("10", "100")  # fine-tuning stages: the recipe's label fraction (10%), and all labels (--full)
 
 
 def _recipe(kind: str) -> Path:
     return REPO / kind / "demo.yaml"
 
 
-def finetune_stage(encoder: Path, out: Path, fresh: bool) -> int | None:
-    """The fine-tuning hook: run ``finetune/demo.yaml`` on ``encoder``; None when unavailable."""
-    recipe = _recipe("finetune")
-    if importlib.util.find_spec("maevit.train.finetune") is None or not recipe.is_file():
-        return None
-    from maevit.train.finetune import main_finetune
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """``pretrain.K=V`` / ``finetune.K=V`` -> the two lists; a bare ``K=V`` goes to pretraining."""
+    pre, fine = [], []
+    for item in items:
+        if item.startswith("finetune."):
+            fine.append(item[len("finetune."):])
+        else:
+            pre.append(item[len("pretrain."):] if item.startswith("pretrain.") else item)
+    return pre, fine
 
-    return main_finetune([str(recipe), f"model.pretrained={encoder}", f"run.dir={out}", f"run.fresh={str(fresh).lower()}"])
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _median_rate(metrics: Path) -> float | None:
+    """Median training images/s over the logged windows of a run (evaluation not counted)."""
+    if not metrics.is_file():
+        return None
+    rates = [row["images_per_sec"] for row in map(json.loads, metrics.read_text().splitlines())
+             if row.get("images_per_sec")]
+    return round(statistics.median(rates), 1) if rates else None
+
+
+class Demo:
+    """The demo's stages, each recorded in ``OUT/demo.json`` when done (so a rerun skips it)."""
+
+    def __init__(self, out: Path, settings: dict[str, Any]) -> None:
+        self.out, self.settings = out, settings
+        self.path = out / STATE
+        self.stages: dict[str, Any] = {}
+        self.started = time.time()
+
+    def load(self, wanted: list[str]) -> str:
+        """'new', 'resume', 'complete' (every stage in ``wanted`` done), or 'other' (OUT holds a
+        demo with other settings)."""
+        if not self.path.is_file():
+            return "new"
+        state = json.loads(self.path.read_text())
+        self.stages = state.get("stages", {})
+        if state.get("settings") != self.settings:
+            return "other"
+        return "complete" if all(name in self.stages for name in wanted) else "resume"
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(STATE + ".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "stages": self.stages}, indent=1) + "\n")
+        tmp.replace(self.path)
+
+    def record(self, name: str, value: dict[str, Any]) -> None:
+        self.stages[name] = value
+        self.save()
+
+
+def _arch(cfg) -> dict[str, Any]:
+    """The encoder's build arguments from the pretraining config, for both fine-tunes."""
+    from maevit.models import create_mae
+
+    mae = create_mae(cfg.model.name, **cfg.model.overrides())
+    enc = mae.encoder
+    return {"patch_size": int(mae.patch_size), "embed_dim": int(enc.embed_dim), "depth": len(enc.blocks),
+            "num_heads": int(enc.blocks[0].attn.num_heads),
+            "params": sum(p.numel() for p in enc.parameters())}
+
+
+def _knn(cfg, encoder_path: Path | None, arch: dict[str, Any]) -> float:
+    """kNN top-1 (k=20) on the probe sets of ``cfg`` of an encoder file, or of a random init."""
+    import torch
+
+    from maevit.data.stream import labeled_loader
+    from maevit.models.classifier import create_classifier
+    from maevit.train.knn import knn_accuracy
+
+    torch.manual_seed(cfg.run.seed)
+    enc = create_classifier(cfg.model.name, 0, pretrained=encoder_path, img_size=cfg.model.img_size,
+                            patch_size=arch["patch_size"], global_pool="token", embed_dim=arch["embed_dim"],
+                            depth=arch["depth"], num_heads=arch["num_heads"])
+    kw = dict(img_size=cfg.model.img_size, batch_size=256, train=False, num_workers=0,
+              mean=cfg.data.mean, std=cfg.data.std)
+    with torch.no_grad():
+        res = knn_accuracy(enc, labeled_loader(cfg.run.probe_train, **kw), labeled_loader(cfg.run.probe_val, **kw),
+                           k=cfg.run.probe_k)
+    return res["knn_top1"]
+
+
+def _table(demo: Demo, settings: dict[str, Any]) -> str:
+    """The comparison, as plain text."""
+    st = demo.stages
+    pt, arch = st.get("pretrain", {}), st.get("arch", {})
+    lines = [
+        "",
+        "maevit demo: MAE-pretrained vs from scratch, same ViT "
+        f"({arch.get('embed_dim')} wide, {arch.get('depth')} blocks, patch {arch.get('patch_size')} at "
+        f"{settings.get('img_size')} px, {arch.get('params', 0) / 1e6:.1f}M parameters)",
+        f"data: {pt.get('train')} ({pt.get('train_images')} photos) for pretraining and fine-tuning; "
+        f"top-1 on {pt.get('val')} ({pt.get('val_images')} photos)",
+        "",
+        f"{'':32}{'pretrained':>12}{'scratch':>10}{'gain':>8}   {'images/s':>13}   {'time':>15}",
+    ]
+
+    def row(label: str, a: dict | None, b: dict | None) -> None:
+        if not a or not b:
+            return
+        gain = a["top1"] - b["top1"]
+        rate = f"{a.get('images_per_sec') or 0:.0f} / {b.get('images_per_sec') or 0:.0f}" if "sec" in a else ""
+        secs = f"{_fmt_time(a['sec'])} / {_fmt_time(b['sec'])}" if "sec" in a else ""
+        lines.append(f"{label:32}{a['top1']:>11.1f}%{b['top1']:>9.1f}%{gain:>+8.1f}   {rate:>13}   {secs:>15}")
+
+    knn = st.get("knn")
+    if knn:
+        row("kNN (k=20), no fine-tuning", {"top1": knn["pretrained"]}, {"top1": knn["random"]})
+    for tag in TAGS:
+        a, b = st.get(f"finetune-{tag}-pretrained"), st.get(f"finetune-{tag}-scratch")
+        if a and b:
+            row(f"fine-tune, {tag}% labels ({a['labeled']})", a, b)
+    if pt:
+        lines += ["", f"MAE pretraining (labels unused): {pt['steps']} steps of {pt['batch']} images, "
+                      f"{pt['images_per_sec']:.0f} images/s, {_fmt_time(pt['sec'])}; "
+                      f"loss {pt['first_loss']:.2f} -> {pt['loss']:.2f}"]
+    if "total_sec" in st:
+        lines.append(f"demo total: {_fmt_time(st['total_sec'])} (measured in this run, {st.get('threads')} threads)")
+    return "\n".join(lines)
+
+
+def _where(demo: Demo) -> str:
+    st, out = demo.stages, demo.out
+    pt = Path(st.get("pretrain", {}).get("run_dir", out / "pretrain"))
+    grids = sorted((pt / "images").glob("recon-*.png"))
+    lines = ["", "written:",
+             f"  {grids[-1] if grids else pt / 'images'}   reconstructions (original | masked | reconstruction | "
+             "visible pasted back)",
+             f"  {pt / 'metrics.jsonl'}   pretraining loss, images/s, kNN",
+             f"  {pt / 'encoder.safetensors'}   pretrained encoder (timm names)"]
+    for name in st:
+        if name.startswith("finetune-"):
+            lines.append(f"  {Path(st[name]['run_dir']) / 'classifier.safetensors'}   {name}")
+    lines.append(f"  {demo.path}   these numbers")
+    lines += ["", "next:",
+              f"  maevit visualize {pt} --data sample:val --out recon-val.png",
+              f"  maevit eval {out / 'finetune-10-pretrained'} --data sample:val   (per-class accuracy, confusion matrix)",
+              "  maevit demo --full      (adds the 100%-labels pair, about 2x the time)",
+              f"  maevit finetune finetune/demo.yaml model.pretrained={pt}",
+              "  maevit finetune finetune/demo.yaml model.pretrained=null optim.layer_decay=1.0"
+              "   (same model from scratch)"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``maevit demo [--out runs/demo] [--fresh] [--no-finetune] [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="maevit demo", description=__doc__.splitlines()[0])
+    """``maevit demo [--out runs/demo] [--fresh] [--full] [--seed N] [pretrain.K=V | finetune.K=V ...]``."""
+    parser = argparse.ArgumentParser(prog="maevit demo", description=__doc__.splitlines()[0],
+                                     epilog="overrides: pretrain.KEY=VALUE or finetune.KEY=VALUE (keys as in "
+                                            "pretrain/demo.yaml and finetune/demo.yaml; a bare KEY=VALUE goes to "
+                                            "pretraining), e.g. pretrain.optim.epochs=30")
     parser.add_argument("--out", default="runs/demo", help="where the runs go (default: ./runs/demo)")
-    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
-    parser.add_argument("--no-finetune", action="store_true", help="pretraining only")
-    parser.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. optim.epochs=2")
+    parser.add_argument("--fresh", action="store_true", help="run again (old runs are moved aside, never deleted)")
+    parser.add_argument("--full", action="store_true", help="also fine-tune both on 100%% of the labels")
+    parser.add_argument("--seed", type=int, default=0, help="seed of pretraining and fine-tuning (default 0)")
+    parser.add_argument("--no-finetune", action="store_true", help="pretraining (and kNN) only")
+    parser.add_argument("overrides", nargs="*", help="pretrain.KEY=VALUE / finetune.KEY=VALUE")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from maevit.config import ConfigError, load_config
+    from maevit.train.finetune import FinetuneConfig, finetune
     from maevit.train.pretrain import PretrainConfig, train
+    from maevit.train.runs import RunDir
 
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    recipe = _recipe("pretrain")
-    if not recipe.is_file():
-        print(f"maevit demo: {recipe} not found; run the demo from a source checkout of maevit", file=sys.stderr)
-        return 2
+    for kind in ("pretrain", "finetune"):
+        if not _recipe(kind).is_file():
+            print(f"maevit demo: {_recipe(kind)} not found; run the demo from a source checkout of maevit",
+                  file=sys.stderr)
+            return 2
     out = Path(args.out)
+    pre_ov, fine_ov = _split_overrides(args.overrides)
+    tags = [] if args.no_finetune else ["10", "100"] if args.full else ["10"]
     try:
-        cfg = load_config(PretrainConfig, recipe, [f"run.dir={out / 'pretrain'}", f"run.fresh={str(args.fresh).lower()}",
-                                                   *args.overrides])
+        pcfg = load_config(PretrainConfig, _recipe("pretrain"),
+                           [f"run.dir={out / 'pretrain'}", f"run.seed={args.seed}", *pre_ov])
+        fbase = load_config(FinetuneConfig, _recipe("finetune"), fine_ov)  # config errors before any work
     except ConfigError as e:
         print(f"maevit demo: {e}", file=sys.stderr)
         return 2
-    result = train(cfg)
-    run_dir = Path(result["run_dir"])
-    grids = sorted((run_dir / "images").glob("recon-*.png"))
-    print("\npretraining done:")
-    print(f"  reconstructions  {grids[-1] if grids else '(none: run.viz_every=0)'}")
-    print(f"  metrics          {run_dir / 'metrics.jsonl'} (last loss {result['loss']:.4f})")
-    print(f"  encoder weights  {result['encoder']}")
-    if args.no_finetune:
+    settings = {"seed": args.seed, "pretrain_overrides": pre_ov, "finetune_overrides": fine_ov,
+                "img_size": pcfg.model.img_size}
+    wanted = ["pretrain", *[f"finetune-{t}-{i}" for t in tags for i in ("pretrained", "scratch")]]
+    demo = Demo(out, settings)
+    if args.fresh:
+        moved = RunDir(out).move_aside()
+        if moved is not None:
+            print(f"maevit demo --fresh: the previous demo in {out} was moved to {moved}")
+    state = demo.load(wanted)
+    if state == "other":
+        print(f"maevit demo: {out} holds a demo run with other settings ({demo.path}); pass --fresh to run "
+              f"again (the old runs are moved aside), or choose another --out", file=sys.stderr)
+        return 2
+    if state == "complete":
+        print(f"this demo is complete ({demo.path}); its results (`maevit demo --fresh` runs it again):")
+        print(_table(demo, settings))
+        print(_where(demo))
         return 0
-    rc = finetune_stage(Path(result["encoder"]), out / "finetune", args.fresh)
-    if rc is None:
-        print("fine-tuning stage not available (maevit.train.finetune or finetune/demo.yaml missing): skipped")
-        return 0
-    return rc
+    if state == "resume":
+        print(f"resuming the demo in {out}: done so far: {', '.join(demo.stages) or 'nothing'}")
+
+    import torch
+
+    elapsed = demo.stages.get("total_sec", 0.0)
+    t_start = time.time()
+    if "pretrain" not in demo.stages:
+        t = time.time()
+        result = train(pcfg)
+        rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        from maevit.data.stream import resolve_source
+
+        demo.record("pretrain", {
+            "run_dir": result["run_dir"], "encoder": result["encoder"], "steps": result["step"],
+            "batch": pcfg.data.batch_size * result["num_processes"] * pcfg.optim.accum_steps,
+            "images_per_sec": _median_rate(Path(result["run_dir"]) / "metrics.jsonl") or 0.0,
+            "sec": round(time.time() - t, 1), "first_loss": losses[0] if losses else float("nan"),
+            "loss": losses[-1] if losses else float("nan"), "train": pcfg.data.train,
+            "train_images": resolve_source(pcfg.data.train).num_samples, "val": pcfg.run.probe_val or "-",
+            "val_images": resolve_source(pcfg.run.probe_val).num_samples if pcfg.run.probe_val else 0,
+        })
+    pt = demo.stages["pretrain"]
+    if "arch" not in demo.stages:
+        demo.record("arch", _arch(pcfg))
+    arch = demo.stages["arch"]
+    if "knn" not in demo.stages and pcfg.run.probe_train and pcfg.run.probe_val:
+        print("kNN top-1 of the pretrained and of a randomly initialised encoder ...")
+        demo.record("knn", {"pretrained": _knn(pcfg, Path(pt["encoder"]), arch), "random": _knn(pcfg, None, arch)})
+
+    # the same architecture for both fine-tunes, whatever the recipe says: built from the pretraining's
+    same_arch = [f"model.name={pcfg.model.name}", f"model.img_size={pcfg.model.img_size}",
+                 f"model.patch_size={arch['patch_size']}",
+                 "model.args={embed_dim: %d, depth: %d, num_heads: %d}" % (
+                     arch["embed_dim"], arch["depth"], arch["num_heads"]),
+                 f"data.mean={list(pcfg.data.mean)}", f"data.std={list(pcfg.data.std)}"]
+    frac = fbase.data.label_fraction or 1.0
+    for tag in tags:
+        # all labels: the same number of optimizer steps as at the recipe's fraction (fewer epochs)
+        budget = [] if tag == "10" else [
+            "data.label_fraction=null", f"optim.epochs={max(1, round(fbase.optim.epochs * frac))}",
+            f"optim.warmup_epochs={fbase.optim.warmup_epochs * frac:g}",
+            f"run.eval_every={max(1, round(fbase.run.eval_every * frac))}"]
+        for init in ("pretrained", "scratch"):
+            name = f"finetune-{tag}-{init}"
+            if name in demo.stages:
+                continue
+            extra = [f"model.pretrained={pt['encoder']}"] if init == "pretrained" else [
+                "model.pretrained=null", "optim.layer_decay=1.0"]
+            fcfg = load_config(FinetuneConfig, _recipe("finetune"), [
+                *same_arch, *budget, f"run.dir={out / name}", f"run.seed={args.seed}", *extra, *fine_ov])
+            print(f"\n{name}: fine-tuning {'the pretrained encoder' if init == 'pretrained' else 'from scratch'} "
+                  f"on {tag}% of the labels")
+            t = time.time()
+            res = finetune(fcfg)
+            from maevit.data.stream import resolve_source, select_fraction
+
+            src = resolve_source(fcfg.data.train)
+            f = fcfg.data.label_fraction
+            labeled = select_fraction(src, f, fcfg.data.label_seed).num_samples if f and f < 1 else src.num_samples
+            demo.record(name, {"top1": res["top1"], "top5": res["top5"], "steps": res["step"],
+                               "labeled": labeled, "run_dir": res["run_dir"], "sec": round(time.time() - t, 1),
+                               "images_per_sec": _median_rate(Path(res["run_dir"]) / "metrics.jsonl")})
+    demo.stages["total_sec"] = round(elapsed + time.time() - t_start, 1)
+    demo.stages["threads"] = torch.get_num_threads()
+    demo.save()
+    print(_table(demo, settings))
+    print(_where(demo))
+    return 0
 
 
 if __name__ == "__main__":

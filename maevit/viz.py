@@ -63,6 +63,55 @@ def reconstruction_panels(
     return torch.stack(shown, dim=1)
 
 
+COLUMN_TITLES = ("original", "masked input", "reconstruction", "visible pasted back")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide."""
+    from PIL import Image, ImageDraw
+
+    draw, lines = ImageDraw.Draw(Image.new("RGB", (1, 1))), [""]
+    for word in text.split():
+        trial = f"{lines[-1]} {word}".strip()
+        if lines[-1] and draw.textlength(trial, font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] = trial
+    return lines
+
+
+def _annotate(grid: torch.Tensor, titles: Sequence[str], cell: int, pad: int, note: str | None):
+    """A PIL image of ``grid`` ([3, H, W] in [0, 1]) with a title above each column and an
+    optional note below."""
+    from PIL import Image, ImageDraw
+
+    body = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    fsize = max(10, min(16, cell // 8))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while fsize > 8 and max(probe.textlength(t, font=_font(fsize)) for t in titles) > cell - 4:
+        fsize -= 1  # the longest title fits its column
+    font, line = _font(fsize), fsize + 6
+    notes = _wrap(note, font, body.width - 2 * pad) if note else []
+    head = line + 6
+    canvas = Image.new("RGB", (body.width, head + body.height + len(notes) * line + (6 if notes else 0)), "white")
+    canvas.paste(body, (0, head))
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(titles):
+        draw.text((pad + i * (cell + pad) + cell // 2, head // 2 + 2), title, fill="black", font=font, anchor="mm")
+    for j, text in enumerate(notes):
+        draw.text((pad, head + body.height + 3 + j * line), text, fill=(70, 70, 70), font=font)
+    return canvas
+
+
 def save_reconstruction_grid(
     model: nn.Module,
     imgs: torch.Tensor,
@@ -72,13 +121,46 @@ def save_reconstruction_grid(
     seed: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    min_size: int = 128,
+    titles: bool = True,
 ) -> Path:
-    """Write the reconstruction grid PNG of ``imgs`` (one row per image, 4 columns)."""
+    """Write the reconstruction grid PNG of ``imgs`` (one row per image, 4 columns).
+
+    Args:
+        model, imgs, noise, seed, mean, std: as in :func:`reconstruction_panels`.
+        path: the PNG to write (parent folders are created).
+        min_size: panels smaller than this many pixels are upscaled by a whole factor
+            (nearest neighbour, so pixels and patch edges stay sharp); 0 keeps the input size.
+        titles: column titles above the grid and, with ``norm_pix_loss``, a note below it
+            saying how the normalised predictions were turned back into colours.
+    """
     panels = reconstruction_panels(model, imgs, noise=noise, seed=seed, mean=mean, std=std)  # [B, 4, C, H, W]
+    b, n, c, h, w = panels.shape
+    factor = max(1, -(-min_size // min(h, w))) if min_size else 1  # ceil: at least min_size
+    flat = panels.flatten(0, 1).float().cpu()  # [B*4, C, H, W]
+    if factor > 1:
+        flat = torch.nn.functional.interpolate(flat, scale_factor=factor, mode="nearest")
+    if c == 1:
+        flat = flat.expand(-1, 3, -1, -1)
+    elif c != 3:
+        flat = flat[:, :3]  # show the first three channels
+    pad = 2 if factor == 1 else 4
+    grid = make_grid(flat, nrow=n, padding=pad, pad_value=1.0)  # [3, H', W']
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(panels.flatten(0, 1).cpu(), nrow=4, padding=2, pad_value=1.0)
-    save_image(grid, path)
+    if not titles:
+        save_image(grid, path)
+        return path
+    ratio = getattr(model, "mask_ratio", None)
+    names = list(COLUMN_TITLES)
+    if ratio is not None:
+        names[1] = f"masked ({ratio:.0%})"
+    note = None
+    if getattr(model, "norm_pix_loss", False):
+        note = ("Targets are norm-pix (each patch normalised to mean 0, std 1): every predicted "
+                "patch is shown with the true patch's mean and std put back, so its average colour "
+                "comes from the original.")
+    _annotate(grid, names, w * factor, pad, note).save(path)
     return path
 
 
@@ -86,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     """``maevit visualize CHECKPOINT [--data SRC] [--out grid.png]``."""
     parser = argparse.ArgumentParser(prog="maevit visualize", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a pretraining run directory, a checkpoints/step-* directory, or MAE weights")
-    parser.add_argument("--data", help="images to show (shards, folder, 'bundled'); default: the run's data.train")
+    parser.add_argument("--data", help="images to show (shards, folder, 'sample:val', 'bundled'); default: the run's data.train")
     parser.add_argument("--out", default="reconstruction.png", help="output PNG")
     parser.add_argument("--model", help="model name, for weights files that do not name theirs (see `maevit models`)")
     parser.add_argument("--img-size", type=int, help="default: the file's")
@@ -110,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         data, mean, std = _run_data(args.checkpoint, header)
         data = args.data or data
         if not data:
-            raise ValueError("pass --data SRC (shards, an image folder, or 'bundled'): the checkpoint does not say "
+            raise ValueError("pass --data SRC (shards, an image folder, 'sample:val' or 'bundled'): the checkpoint does not say "
                              "which data it was trained on")
         source = resolve_source(data)
         num_images = min(args.num_images, source.num_samples)  # a small folder: all of it

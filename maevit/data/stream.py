@@ -3,7 +3,8 @@
 Sources: a shard directory holding `dataset.json` (written by `maevit shards
 write`), a `dataset.json` path or URL, a shard pattern (`train-{000000..000099}.tar`),
 a glob, a list of shards / URLs, a plain image folder (unlabeled, or one
-sub-folder per class), or "bundled[:train|val]".
+sub-folder per class), "bundled[:train|val]" (procedural shapes) or
+"sample[:train|val]" (the CIFAR-10 photos shipped in the package, `data/sample.py`).
 
 What webdataset gives us and we use: URL expansion (braces, `::`), `gopen`
 (local files, http(s) via curl, ...), tar member iteration and grouping of
@@ -315,7 +316,8 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     """Turn any accepted `source` into a `Source` (list of units with counts).
 
     Args:
-        source: shard dir / `dataset.json` / pattern / glob / list / image folder / "bundled[:split]".
+        source: shard dir / `dataset.json` / pattern / glob / list / image folder / "bundled[:split]" /
+            "sample[:split]".
         allow_pipe: accept `pipe:` URLs.
         need_counts: per-unit sample counts are required (exact mode).
     """
@@ -324,6 +326,13 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     if _bundled.is_bundled_spec(source):
         try:
             return folder_source(_bundled.resolve_bundled(source))
+        except ValueError as e:  # an unknown split
+            raise DataSourceError(str(e)) from None
+    from . import sample as _sample  # here, so `python -m maevit.data.sample` imports it once
+
+    if _sample.is_sample_spec(source):
+        try:
+            return _index_source(str(_sample.resolve_sample(source) / INDEX_NAME), allow_pipe)
         except ValueError as e:  # an unknown split
             raise DataSourceError(str(e)) from None
     if isinstance(source, (list, tuple)):
@@ -354,7 +363,8 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
         if missing:
             raise DataSourceNotFoundError(
                 f"data source {src!r}: {len(missing)} path(s) do not exist (first: {missing[0]}); expected "
-                f"a shard directory, {INDEX_NAME}, a shard pattern, an image folder or 'bundled[:split]'."
+                f"a shard directory, {INDEX_NAME}, a shard pattern, an image folder, 'bundled[:split]' or "
+                f"'sample[:split]'."
             )
     return _shard_list_source(urls, allow_pipe, need_counts)
 
