@@ -235,7 +235,7 @@ def _ft_overrides(run_dir, **extra) -> list[str]:
         "data.train": "bundled:train", "data.val": "null", "data.batch_size": 8, "data.num_workers": 0,
         "data.label_fraction": 0.05, "optim.epochs": 2, "optim.warmup_epochs": 1, "optim.base_lr": 1e-3,
         "optim.layer_decay": 0.75, "optim.accum_steps": 2, "run.dir": str(run_dir), "run.log_every": 1,
-        "run.ckpt_every": 0,
+        "run.ckpt_every": 0, "run.precision": "fp32",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

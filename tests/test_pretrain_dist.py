@@ -108,6 +108,7 @@ def _worker(shards: str, run_dir: str) -> int:
         "data.num_workers=1", "data.shuffle_buffer=16", f"data.mean={list(MEAN)}", f"data.std={list(STD)}",
         "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.base_lr=1.0e-2", f"run.dir={run_dir}",
         "run.log_every=4", "run.ckpt_every=10", "run.viz_every=0", "run.progress=false",
+        "run.precision=fp32",
     ]
     rc = main(args)
     torch.save(models[0].state_dict(), out / f"rank{rank}.pt")

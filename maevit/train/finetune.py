@@ -31,7 +31,7 @@ from torch import nn
 
 from maevit.config import ConfigError, load_config, to_dict
 from maevit.models.classifier import create_classifier, timm_name_for
-from maevit.train import runs
+from maevit.train import runs, throughput
 from maevit.train.evaluate import evaluate_classifier, format_report, save_confusion_png
 from maevit.train.optim import cosine_lr, param_groups_layer_decay, scaled_lr, set_lr
 
@@ -100,7 +100,7 @@ class OptimConfig:
 class RunConfig:
     dir: str = "runs/finetune"
     seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where native and faster, else fp32
     ema: float | None = None  # EMA decay of the weights (e.g. 0.9999); None = off
     log_every: int = 20  # optimizer steps between metric rows
     ckpt_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of every epoch
@@ -118,11 +118,14 @@ class FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _accelerator(precision: str, accum_steps: int = 1):
+def _accelerator(precision: str, accum_steps: int = 1, run_dir: str | None = None, fresh: bool = False):
     from accelerate import Accelerator
 
+    choice = throughput.resolve_precision(precision, run_dir, fresh=fresh)  # [throughput] auto -> bf16 / fp32
+    if precision == "auto":
+        logger.info("precision auto -> %s", choice)
     return Accelerator(
-        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[choice.precision],
         gradient_accumulation_steps=accum_steps,
     )
 
@@ -222,7 +225,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     if not cfg.data.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
-    acc = _accelerator(cfg.run.precision, cfg.optim.accum_steps)
+    acc = _accelerator(cfg.run.precision, cfg.optim.accum_steps, cfg.run.dir, cfg.run.fresh)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     set_seed(cfg.run.seed)  # same init on every rank; numpy / random for Mixup too
     d, o = cfg.data, cfg.optim
@@ -266,7 +269,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model, optimizer = acc.prepare(model, optimizer)
     mixup_fn, criterion = build_criterion(d, num_classes)
 
-    state = {"step": 0, "epoch": 0, "batch": 0}
+    state = {"step": 0, "epoch": 0, "batch": 0,
+             "precision": {"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision)}  # [throughput] for resume
     if ckpt is not None:
         state.update(runs.load_checkpoint(acc, ckpt))
         if ema is not None:
@@ -417,7 +421,7 @@ class ProbeOptimConfig:
 class ProbeRunConfig:
     dir: str = "runs/probe"
     seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     fresh: bool = True  # probes are short; a rerun starts over (the old one is moved aside)
 
 
@@ -527,7 +531,7 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
 
     if not cfg.data.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
-    acc = _accelerator(cfg.run.precision)
+    acc = _accelerator(cfg.run.precision, run_dir=cfg.run.dir, fresh=cfg.run.fresh)
     run, _ = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     set_seed(cfg.run.seed)
     d, o = cfg.data, cfg.optim

@@ -27,7 +27,7 @@ import torch
 from maevit.config import ConfigError, load_config, to_dict
 from maevit.data.stream import labeled_loader
 from maevit.models import create_mae
-from maevit.train import runs
+from maevit.train import runs, throughput
 from maevit.train.knn import knn_accuracy
 from maevit.train.optim import build_adamw, cosine_lr, scaled_lr, set_lr
 
@@ -96,8 +96,9 @@ class OptimConfig:
 class RunConfig:
     dir: str = "runs/pretrain"  # run directory: config, metrics, checkpoints, images, encoder
     seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 on recent GPUs; fp32 on CPU
-    compile: bool = False  # torch.compile the model (faster steps after a slow first one)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where native and faster, else fp32
+    compile: bool = False  # torch.compile each transformer block (regional; faster steps after slow first ones)
+    peak_tflops: float | None = None  # peak TFLOP/s per device for MFU; None: GPU table / measured on CPU
     log_every: int = 50  # optimizer steps between metric reads (the only host syncs)
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 3  # checkpoints kept
@@ -134,11 +135,11 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def _accelerator(cfg: PretrainConfig):
+def _accelerator(cfg: PretrainConfig, precision: str):
     from accelerate import Accelerator
     from accelerate.utils import is_tensorboard_available
 
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.run.precision]
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.optim.accum_steps,
@@ -183,12 +184,19 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
 
     if not cfg.data.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled)")
-    acc = _accelerator(cfg)
-    logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device, cfg.run.precision)
+    precision = throughput.resolve_precision(  # [throughput] auto: bf16 where native and the step is faster
+        cfg.run.precision, cfg.run.dir, fresh=cfg.run.fresh, speed_check=lambda: throughput.bf16_speedup(
+            create_mae(cfg.model.name, **cfg.model.overrides()), (3, cfg.model.img_size, cfg.model.img_size)))
+    acc = _accelerator(cfg, precision.precision)
+    logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device,
+                f"auto -> {precision}" if cfg.run.precision == "auto" else cfg.run.precision)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     _start_trackers(acc, cfg)
     set_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
     model = create_mae(cfg.model.name, **cfg.model.overrides())
+    meter = throughput.meter_for(  # [throughput] FLOPs per image, peak, MFU (before compile / prepare)
+        model, (model.encoder.in_chans, cfg.model.img_size, cfg.model.img_size), acc.device, precision.precision,
+        num_processes=acc.num_processes, peak=cfg.run.peak_tflops, log=acc.is_main_process)
     loader = _loader(cfg, acc)
     viz_imgs = viz_noise = None
     sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
@@ -217,14 +225,14 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     peak_lr = scaled_lr(cfg.optim.base_lr, eff_batch)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     optimizer = build_adamw(model.to(acc.device), peak_lr, cfg.optim.weight_decay, cfg.optim.betas)
-    if cfg.run.compile:
-        model.compile()  # in place: parameter names stay the same (no "_orig_mod.")
+    if cfg.run.compile:  # [throughput] regional: each block in place; parameter names stay the same
+        logger.info("compiled %d blocks", throughput.compile_blocks(model))
     model, optimizer = acc.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     # masking noise from a generator of its own per rank: saved in checkpoints, untouched by data code
     mask_gen = torch.Generator(acc.device).manual_seed(cfg.run.seed * 1000 + acc.process_index)
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0, "precision": precision.precision}
     if ckpt is not None:
         state.update(runs.load_checkpoint(acc, ckpt, generators={"mask": mask_gen}))
     step, epoch, batch = state["step"], state["epoch"], state["batch"]
@@ -244,7 +252,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     saved_at = step if ckpt is not None else -1
     while step < last_step:
         loader.set_epoch(epoch)
-        for imgs in _resume_iter(loader, batch):
+        for imgs in meter.timed(_resume_iter(loader, batch)):  # [throughput] data-wait time
             imgs = imgs.to(acc.device, non_blocking=True)  # [B, C, H, W]
             with acc.accumulate(model):
                 out = model(imgs, generator=mask_gen)
@@ -269,7 +277,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             if step % cfg.run.log_every == 0 or step == last_step:
                 img_s = eff_batch * (step - step_log) / (time.perf_counter() - t_log)
                 frac_epoch = epoch + loader.state_dict()["batch"] / len(loader)
-                summary = _log(acc, metrics, bar, step, frac_epoch, optimizer, loss_sum, loss_n, bad_total, img_s)
+                summary = _log(acc, metrics, bar, step, frac_epoch, optimizer, loss_sum, loss_n, bad_total, img_s,
+                               meter.fields(img_s))  # [throughput] tflops, mfu, data_wait
                 loss_sum.zero_(), loss_n.zero_()
                 t_log, step_log = time.perf_counter(), step
                 if max_bad_run.item() >= cfg.run.max_nonfinite:
@@ -320,7 +329,8 @@ def _progress(cfg: PretrainConfig, acc, total: int, initial: int):
                 disable=not (cfg.run.progress and acc.is_main_process))
 
 
-def _log(acc, metrics, bar, step, epoch, optimizer, loss_sum, loss_n, bad_total, img_per_sec) -> dict[str, Any]:
+def _log(acc, metrics, bar, step, epoch, optimizer, loss_sum, loss_n, bad_total, img_per_sec,
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Reduce the device accumulators over ranks and write one metrics row (a host sync)."""
     totals = acc.reduce(torch.stack([loss_sum, loss_n]), reduction="sum").tolist()
     row = {
@@ -329,9 +339,10 @@ def _log(acc, metrics, bar, step, epoch, optimizer, loss_sum, loss_n, bad_total,
         "lr": optimizer.param_groups[0]["lr"],
         "images_per_sec": round(img_per_sec, 2),
         "nonfinite_steps": int(bad_total.item()),
+        **(extra or {}),
     }
     metrics.log(step, **row)
-    acc.log({f"train/{k}": v for k, v in row.items()}, step=step)
+    acc.log({f"train/{k}": v for k, v in row.items() if v is not None}, step=step)
     bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{img_per_sec:.0f}")
     return row
 
