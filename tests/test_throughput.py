@@ -4,6 +4,7 @@ import math
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,6 +195,12 @@ def test_compile_blocks_is_regional_and_keeps_names():
     assert getattr(mae, "_compiled_call_impl", None) is None  # not the whole model
 
 
+TINY_RUN = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
+            "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
+            "model.decoder_num_heads=2", "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16",
+            "optim.epochs=1", "run.progress=false", "run.viz_every=0", "run.precision=fp32"]
+
+
 def test_pretrain_logs_flops_and_writes_tflops_mfu_columns(tmp_path, caplog):
     from maevit.config import load_config
     from maevit.train.pretrain import PretrainConfig, train
@@ -297,3 +304,80 @@ def test_throughput_benchmark_tiny_cpu_mode(tmp_path):
     sd = create_mae("mae_vit_tiny_patch16", **bench.TINY).state_dict()
     back = to_maevit_mae_keys(bench.to_published_keys(sd))
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+# ----------------------------------------------------------------------------- data.decode=device
+def _mixed_images(folder: Path, n: int = 12) -> Path:
+    """Random-noise JPEGs of varied sizes, plus two PNGs (decoded by the workers in either mode)."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        img.save(folder / f"{i:03d}.{'png' if i % 6 == 5 else 'jpg'}", quality=90)
+    return folder
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_device_decode_reproduces_the_worker_path(tmp_path, num_workers):
+    from maevit.data.device_decode import DeferredBatch
+    from maevit.data.stream import pretrain_loader
+
+    src = str(_mixed_images(tmp_path / "imgs"))
+    kw = dict(img_size=24, batch_size=4, num_workers=num_workers, seed=5, shuffle_buffer=4)
+    cpu = list(pretrain_loader(src, draft=False, **kw))  # draft mode is a CPU-only shortcut
+    dev = list(pretrain_loader(src, decode="device", **kw))
+    assert len(cpu) == len(dev) == 3
+    assert all(isinstance(b, DeferredBatch) and len(b) == 4 for b in dev)
+    assert sum(len(b.jpeg_index) for b in dev) == 10 and sum(len(b.decoded_index) for b in dev) == 2
+    for a, b in zip(cpu, dev):
+        assert torch.equal(a, b.to("cpu"))  # same crops, flips, decoder and resize kernel: identical
+
+
+def test_device_decode_falls_back_to_the_cpu_and_replaces_corrupt_jpegs(monkeypatch, caplog):
+    import io
+
+    import torchvision.io
+    from PIL import Image
+
+    from maevit.data.device_decode import DeferredBatch, DeferredCrop
+
+    def jpeg(colour) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), colour).save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    refused, corrupt = jpeg((200, 100, 50)), jpeg((10, 20, 30))
+    corrupt = corrupt[:200] + bytes(len(corrupt) - 200)  # a readable header, garbage after it
+    real = torchvision.io.decode_jpeg
+
+    def device_decoder(data, **kw):  # like nvJPEG refusing some files: any list fails, one image fails
+        if isinstance(data, list) or bytes(data.numpy()) == refused:
+            raise RuntimeError("unsupported")
+        return real(data, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", device_decoder)
+    items = [DeferredCrop(torch.frombuffer(bytearray(b), dtype=torch.uint8), (0, 0, 16, 16), False)
+             for b in (refused, corrupt, jpeg((0, 255, 0)))]
+    with caplog.at_level("WARNING"):
+        out = DeferredBatch(items, (8, 8), (0, 0, 0), (1 / 255, 1 / 255, 1 / 255)).to("cpu")  # raw 0..255 values
+    assert out.shape == (3, 3, 8, 8)
+    assert out[0].mean((1, 2)).tolist() == pytest.approx([200, 100, 50], abs=3)  # decoded on the CPU instead
+    assert torch.equal(out[1], out[0])  # corrupt: a copy of a good image of the batch
+    assert out[2].mean((1, 2)).tolist() == pytest.approx([0, 255, 0], abs=3)
+    assert "could not be decoded" in caplog.text
+
+
+def test_pretrain_with_device_decode(tmp_path):
+    from maevit.config import load_config
+    from maevit.train.pretrain import PretrainConfig, train
+
+    src = _mixed_images(tmp_path / "imgs", n=16)
+    cfg = load_config(PretrainConfig, None, [*TINY_RUN, f"data.train={src}", "data.decode=device", "optim.max_steps=2",
+                                             "run.log_every=1", "run.viz_every=2", "run.viz_images=2",
+                                             f"run.dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    assert result["step"] == 2 and math.isfinite(result["loss"])
+    assert (tmp_path / "run" / "images" / "recon-00000002.png").is_file()  # the grid's batch decodes too

@@ -69,6 +69,7 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE)
     allow_pipe: bool = False  # allow `pipe:` shard URLs (they run shell commands)
+    decode: Literal["worker", "device"] = "worker"  # device: JPEGs decoded on the GPU (nvJPEG), crops drawn on CPU
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -165,7 +166,7 @@ def _loader(cfg: PretrainConfig, acc, *, batch_size: int | None = None, **kw):
         img_size=cfg.model.img_size, batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
         seed=cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes, mode=d.mode,
         samples_per_epoch=d.samples_per_epoch, shuffle_buffer=d.shuffle_buffer, mean=d.mean, std=d.std,
-        scale=d.scale, allow_pipe=d.allow_pipe, pin_memory=acc.device.type == "cuda",
+        scale=d.scale, allow_pipe=d.allow_pipe, pin_memory=acc.device.type == "cuda", decode=d.decode,
     )
     return pretrain_loader(d.train, **{**args, **kw})
 
