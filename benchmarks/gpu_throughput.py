@@ -22,8 +22,9 @@ overwritten by the copied weights anyway).
     # the issue's GPU goal: ViT-B/16 and ViT-L/16, bf16, one GPU
     python benchmarks/gpu_throughput.py --device cuda --dtype bf16 --models base large --compile \\
         --mae-code ~/src/mae
-    # CPU, same precision for all
-    python benchmarks/gpu_throughput.py --device cpu --dtype fp32 --models tiny --batch-size 32 --mae-code /tmp/mae
+    # CPU, same precision for all (the issue's ViT-Tiny/16 with a 128-wide, 4-block decoder)
+    python benchmarks/gpu_throughput.py --device cpu --dtype fp32 --models tiny --batch-size 32 \
+        --model-args decoder_embed_dim=128 decoder_num_heads=4 --mae-code /tmp/mae
     # a seconds-long smoke run (the tests)
     python benchmarks/gpu_throughput.py --tiny
 """
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["base", "large"], choices=sorted(SIZES))
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--model-args", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="create_mae overrides for every model, e.g. decoder_embed_dim=128 decoder_num_heads=4")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 (base) / 128 (large+) on GPU, 32 on CPU")
     p.add_argument("--steps", type=int, default=10, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=6)
@@ -258,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for size in args.models:
         name = SIZES[size]
         overrides = dict(TINY) if args.tiny else {"img_size": args.img_size}
+        for kv in args.model_args:
+            key, _, value = kv.partition("=")
+            overrides[key] = (value == "true" if value in ("true", "false")
+                              else float(value) if "." in value else int(value))
         batch = args.batch_size or (32 if device.type == "cpu" else (256 if size in ("tiny", "small", "base") else 128))
         runners, ours = build_runners(args, name, device, overrides, published)
         fpi = count_train_flops(ours, (ours.encoder.in_chans, *ours.encoder.patch_embed.img_size)).total
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows[r.name]["maevit_speedup"] = round(ref / rows[r.name]["images_per_sec"], 3)
             # per-round ratios: a load burst within one round would otherwise move the median
             rows[r.name]["maevit_speedup_per_round"] = [round(a / b, 3) for a, b in zip(runners[0].rates, r.rates)]
-        results["models"][size] = {"name": name, "batch": batch, "gflop_per_image": round(fpi / 1e9, 3),
+        results["models"][size] = {"name": name, "overrides": overrides, "batch": batch, "gflop_per_image": round(fpi / 1e9, 3),
                                    "loadavg": [round(load0[0], 2), round(load1[0], 2)],
                                    "loss_before_training": {k: round(v, 6) for k, v in check.items()},
                                    "runners": rows}

@@ -121,6 +121,22 @@ def test_meter_fields():
     assert meter.fields(1.0)["data_wait"] > 0.5  # nearly all of the time was spent in next()
 
 
+def test_meter_hints_at_a_slow_loader_once(caplog):
+    import time
+
+    def slow(n):
+        for i in range(n):
+            time.sleep(0.01)
+            yield i
+
+    meter = ThroughputMeter(1e9, 1.0)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            list(meter.timed(slow(2)))
+            meter.fields(1.0)
+    assert caplog.text.count("waited for data") == 1 and "data.num_workers" in caplog.text
+
+
 def test_precision_choice_is_a_pure_function_of_the_facts():
     gpu = choose_precision("cuda", bf16_supported=True, device_name="NVIDIA H100 80GB HBM3")
     assert gpu.precision == "bf16" and "H100" in gpu.reason

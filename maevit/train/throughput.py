@@ -239,10 +239,13 @@ class ThroughputMeter:
         num_processes: devices the images/s figure is spread over.
     """
 
+    WAIT_WARNING = 0.1  # share of wall time waiting for data that is worth a hint (once per run)
+
     def __init__(self, flops_per_image: float, peak: float | None, num_processes: int = 1) -> None:
         self.flops_per_image, self.peak, self.num_processes = flops_per_image, peak, num_processes
         self._wait = 0.0
         self._t0 = time.perf_counter()
+        self._windows, self._warned = 0, False
 
     def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
         """Yield from ``batches``, adding the time spent inside ``next()`` to the data wait."""
@@ -264,6 +267,13 @@ class ThroughputMeter:
         tflops = self.flops_per_image * images_per_sec / self.num_processes / 1e12
         wait = self._wait / max(now - self._t0, 1e-9)
         self._wait, self._t0 = 0.0, now
+        self._windows += 1
+        if self._windows >= 2 and wait > self.WAIT_WARNING and not self._warned:  # window 1: loader start-up
+            self._warned = True
+            logger.warning("the training loop waited for data %.0f%% of the time: the loader is the bottleneck. "
+                           "Raise data.num_workers (about one per CPU core per device), write pre-resized "
+                           "shards (maevit shards write --resize-shorter 320), or decode on the GPU "
+                           "(data.decode=device)", 100 * wait)
         return {
             "tflops": _sig(tflops),
             "mfu": _sig(tflops / self.peak) if self.peak else None,
@@ -469,8 +479,10 @@ def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, 
     if requested != "auto":
         return PrecisionChoice(requested, "set by run.precision")
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    # the process state the Accelerator will share (with the CPU flag it would read itself)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = torch.device(device) if device is not None else state.device
     choice = None
     if state.is_main_process:
