@@ -397,3 +397,15 @@ def test_pretrain_with_device_decode(tmp_path):
     result = train(cfg)
     assert result["step"] == 2 and math.isfinite(result["loss"])
     assert (tmp_path / "run" / "images" / "recon-00000002.png").is_file()  # the grid's batch decodes too
+
+
+def test_finetune_and_probe_accept_auto(monkeypatch):
+    from maevit.config import load_config
+    from maevit.train.finetune import FinetuneConfig, ProbeConfig, _accelerator
+
+    assert load_config(FinetuneConfig, None, []).run.precision == "auto"
+    assert load_config(ProbeConfig, None, ["run.precision=auto"]).run.precision == "auto"
+    if torch.cuda.is_available():
+        pytest.skip("Accelerate would pick the GPU")
+    monkeypatch.setattr(throughput, "cpu_bf16_flags", lambda: [])  # a CPU without bf16 units
+    assert _accelerator("auto").mixed_precision == "no"
