@@ -281,6 +281,7 @@ def test_finetune_end_to_end_exports_timm_loadable_classifier(tmp_path, capsys):
     clf.load_state_dict(load_file(run / "classifier.safetensors"), strict=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_top1" in r for r in rows) and all(r["loss"] > 0 for r in rows if "loss" in r)
+    assert all(r["tflops"] > 0 and 0 < r["mfu"] < 1 for r in rows if "loss" in r)  # FLOPs / MFU columns
 
     assert main_eval([str(run), "--data", "bundled:val", "--num-workers", "0", "--batch-size", "100"]) == 0
     report = json.loads((run / "eval.json").read_text())

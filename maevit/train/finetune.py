@@ -263,6 +263,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     peak_lr = scaled_lr(o.base_lr, eff_batch)
     warmup = round(o.warmup_epochs * steps_per_epoch)
     model.to(acc.device)
+    meter = throughput.meter_for(  # [throughput] FLOPs per image, peak, MFU
+        model, (3, cfg.model.img_size, cfg.model.img_size), acc.device,
+        {"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision), num_processes=acc.num_processes,
+        log=acc.is_main_process)
     optimizer = torch.optim.AdamW(param_groups_layer_decay(model, o.weight_decay, o.layer_decay),
                                   lr=peak_lr, betas=(0.9, 0.999))
     ema = ModelEmaV3(model, decay=cfg.run.ema) if cfg.run.ema else None
@@ -306,7 +310,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if batch:
             train_loader.skip_batches(batch)  # mid-epoch resume: same data as an uninterrupted run
         model.train()
-        for x, y in train_loader:
+        for x, y in meter.timed(train_loader):  # [throughput] data-wait time
             if batch >= per_epoch:
                 break
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)  # [B,C,H,W], [B]
@@ -335,7 +339,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if step % cfg.run.log_every == 0 or step == last_step:
                 rate = eff_batch * (step - step_t0) / (time.perf_counter() - t0)
                 metrics.log(step, epoch=round(epoch + batch / len(train_loader), 4), loss=losses[-1].item(),
-                            lr=optimizer.param_groups[-1]["lr"], images_per_sec=round(rate, 2))
+                            lr=optimizer.param_groups[-1]["lr"], images_per_sec=round(rate, 2),
+                            **meter.fields(rate))  # [throughput] tflops, mfu, data_wait
                 t0, step_t0 = time.perf_counter(), step
             if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step:
                 checkpoint()

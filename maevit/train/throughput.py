@@ -84,7 +84,8 @@ def _count(model: nn.Module, tensors: dict[str, torch.Tensor], imgs: torch.Tenso
     kwargs = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
     mapping = _cpu_attention_flops()
     with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
-        loss = functional_call(model, tensors, (imgs,), kwargs, strict=False).loss
+        out = functional_call(model, tensors, (imgs,), kwargs, strict=False)
+        loss = out.loss if hasattr(out, "loss") else out.float().mean()
     with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
         loss.backward()
     return fwd.get_total_flops(), bwd.get_total_flops()
@@ -97,14 +98,16 @@ def count_train_flops(
     mask_ratio: float | None = None,
     batch_size: int = 1,
 ) -> FlopCount:
-    """Forward + backward FLOPs per image of ``model(imgs).loss`` (an MAE training step).
+    """Forward + backward FLOPs per image of ``model(imgs).loss`` (an MAE training step), or of
+    ``model(imgs)`` for a model that returns a tensor (a classifier; the loss itself is free).
 
     Counts matmuls, convolutions and attention (the ops ``torch.utils.flop_counter``
     knows: everything else is a rounding error for ViTs). The model, its gradients,
     buffers and the global RNG are left untouched. Count before ``torch.compile``.
 
     Args:
-        model: anything whose ``forward(imgs, mask_ratio=...)`` returns an object with ``.loss``.
+        model: anything whose ``forward(imgs, mask_ratio=...)`` returns an object with ``.loss``,
+            or whose ``forward(imgs)`` returns a tensor (then ``mask_ratio`` must be None).
         img_shape: ``(C, H, W)`` of one image.
         mask_ratio: the ratio to count at; None: the model's default.
         batch_size: images in the counted batch (the result is per image).
