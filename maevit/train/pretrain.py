@@ -196,7 +196,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     set_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
     model = create_mae(cfg.model.name, **cfg.model.overrides())
     meter = throughput.meter_for(  # [throughput] FLOPs per image, peak, MFU (before compile / prepare)
-        model, (model.encoder.in_chans, cfg.model.img_size, cfg.model.img_size), acc.device, precision.precision,
+        model, (3, cfg.model.img_size, cfg.model.img_size), acc.device, precision.precision,
         num_processes=acc.num_processes, peak=cfg.run.peak_tflops, log=acc.is_main_process)
     loader = _loader(cfg, acc)
     viz_imgs = viz_noise = None
