@@ -10,7 +10,8 @@ alike; each round times ``--steps`` steps with one device sync at the end (no
 per-step host sync, as in training). Reported: the median over rounds of
 images/s, achieved TFLOP/s and MFU (FLOPs per image from
 ``torch.utils.flop_counter``, identical for the three since the architecture
-is; the peak from maevit's table of GPU peaks or, on CPU, a measured matmul).
+is; the peak from maevit's table of GPU peaks or, on CPU, a matmul measured in every
+round, so that each round's MFU is taken against the peak under that round's load).
 
 The published MAE model code (``models_mae.py`` of github.com/facebookresearch/mae)
 is not part of maevit: pass a checkout with ``--mae-code DIR``. It was written for
@@ -51,7 +52,7 @@ from maevit import create_mae
 from maevit.models.pos_embed import sincos_2d
 from maevit.train.checkpoint import hf_vitmae_config, to_hf_vitmae_keys
 from maevit.train.optim import build_adamw
-from maevit.train.throughput import compile_blocks, count_train_flops, peak_tflops
+from maevit.train.throughput import compile_blocks, count_train_flops, matmul_tflops, peak_tflops
 
 SIZES = {"tiny": "mae_vit_tiny_patch16", "small": "mae_vit_small_patch16", "base": "mae_vit_base_patch16",
          "large": "mae_vit_large_patch16", "huge": "mae_vit_huge_patch14"}
@@ -289,17 +290,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for _ in range(args.warmup):
                 r.step(imgs, noise())
             _sync(device)
+        round_peaks = []  # CPU: the matmul peak measured in every round, under that round's load
         for k in range(args.rounds):
             noises = [noise() for _ in range(args.steps)]  # the same masks for maevit and HF
             for r in (runners if k % 2 == 0 else runners[::-1]):
                 r.timed_round(imgs, noises)
+            if device.type == "cpu":
+                round_peaks.append(matmul_tflops((args.dtype,), budget_s=0.02 if args.tiny else 0.2)[args.dtype])
         load1 = os.getloadavg()
         rows = {}
         for r in runners:
             rate = statistics.median(r.rates)
             tflops = fpi * rate / 1e12
+            if round_peaks:  # MFU of each round against that round's measured peak, then the median
+                round_mfu = statistics.median(fpi * x / 1e12 / p for x, p in zip(r.rates, round_peaks))
             rows[r.name] = {"images_per_sec": round(rate, 2), "tflops": float(f"{tflops:.4g}"),
-                            "mfu": float(f"{tflops / peak:.4g}") if peak else None,
+                            "mfu": float(f"{(round_mfu if round_peaks else tflops / peak):.4g}") if peak else None,
                             "rounds": [round(x, 2) for x in r.rates],
                             "images_per_cpu_sec": round(statistics.median(r.cpu_rates), 2)}
         ref = rows["maevit"]["images_per_sec"]
@@ -309,13 +315,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows[r.name]["maevit_speedup_per_round"] = [round(a / b, 3) for a, b in zip(runners[0].rates, r.rates)]
             rows[r.name]["maevit_speedup_cpu_time"] = round(
                 rows["maevit"]["images_per_cpu_sec"] / rows[r.name]["images_per_cpu_sec"], 3)
-        results["models"][size] = {"name": name, "overrides": overrides, "batch": batch, "gflop_per_image": round(fpi / 1e9, 3),
+        results["models"][size] = {"name": name, "overrides": overrides, "batch": batch,
+                                   "round_peaks_tflops": [round(x, 4) for x in round_peaks], "gflop_per_image": round(fpi / 1e9, 3),
                                    "loadavg": [round(load0[0], 2), round(load1[0], 2)],
                                    "loss_before_training": {k: round(v, 6) for k, v in check.items()},
                                    "runners": rows}
         print(f"\n## {name}: {h}x{w} px, batch {batch}, {fpi / 1e9:.2f} GFLOP/image (fwd+bwd), "
               f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up; "
               f"load average {load0[0]:.1f} -> {load1[0]:.1f}")
+        if round_peaks:
+            print(f"CPU matmul peak measured in each round: {', '.join(f'{x:.3f}' for x in round_peaks)} TFLOP/s "
+                  f"(MFU: per round against that round's peak, median)")
         print("same weights, loss on one batch before training: "
               + ", ".join(f"{k} {v:.6f}" for k, v in check.items()))
         print("| model | images/s | TFLOP/s | MFU | maevit speed-up (median / per round) | images per CPU-s (speed-up) |")

@@ -182,29 +182,39 @@ def _best_rate(fns: dict[str, Any], flops: float, budget_s: float) -> dict[str, 
     return {name: flops / t / 1e12 for name, t in best.items()}
 
 
+def matmul_tflops(dtypes: Iterable[str] = ("fp32",), *, n: int = 1024, budget_s: float = 0.3,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
+    """Measured matmul rate (TFLOP/s) of an ``n x n`` product per dtype: the best of repeated
+    calls, dtypes alternating, for about ``budget_s`` seconds (plus a warm-up call each)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(n, n, generator=gen).to(device), torch.randn(n, n, generator=gen).to(device)
+    fns = {}
+    for name in dtypes:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        a, b = a32.to(dt), b32.to(dt)
+        if device.type == "cuda":
+            fns[name] = lambda a=a, b=b: (torch.mm(a, b), torch.cuda.synchronize(device))
+        else:
+            fns[name] = lambda a=a, b=b: torch.mm(a, b)
+    return _best_rate(fns, 2.0 * n**3, budget_s)
+
+
 _CPU_RATES: dict[tuple[str, int, int], float] = {}  # (dtype, threads, n) -> TFLOP/s, per process
 
 
 def cpu_matmul_tflops(dtypes: Iterable[str] = ("fp32",), *, n: int = 1024, budget_s: float = 0.3) -> dict[str, float]:
-    """Measured CPU matmul rate (TFLOP/s) of an ``n x n`` product per dtype, with the current
-    torch thread count: best of repeated calls, dtypes alternating. Cached per process, so the
-    bf16 check of ``precision=auto`` and the MFU peak use the same measurement.
+    """Measured CPU matmul rate (TFLOP/s) per dtype with the current torch thread count
+    (:func:`matmul_tflops`), cached per process, so the bf16 check of ``precision=auto``
+    and the MFU peak use the same measurement.
 
-    This is the CPU's *measured* peak, the yardstick for MFU on CPU and for whether bf16
-    pays off; it is not a datasheet figure. About ``budget_s`` seconds (plus a warm-up call)
-    the first time.
+    This is the CPU's *measured* peak, the yardstick for MFU on CPU; it is not a datasheet
+    figure, and on a machine shared with other jobs it is what this process got at start-up.
     """
     threads = torch.get_num_threads()
     missing = [d for d in dtypes if (d, threads, n) not in _CPU_RATES]
     if missing:
-        gen = torch.Generator().manual_seed(0)
-        a32, b32 = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-        fns = {}
-        for name in missing:
-            dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-            a, b = a32.to(dt), b32.to(dt)
-            fns[name] = lambda a=a, b=b: torch.mm(a, b)
-        for name, rate in _best_rate(fns, 2.0 * n**3, budget_s).items():
+        for name, rate in matmul_tflops(missing, n=n, budget_s=budget_s).items():
             _CPU_RATES[(name, threads, n)] = rate
     return {d: _CPU_RATES[(d, threads, n)] for d in dtypes}
 
