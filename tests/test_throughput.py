@@ -203,12 +203,21 @@ def test_bf16_speedup_runs_on_copies():
 
 
 def test_compile_blocks_is_regional_and_keeps_names():
-    mae = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=3, decoder_depth=2)
+    mae = create_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=3, decoder_depth=1)
     names = [k for k, _ in mae.named_parameters()]
-    assert compile_blocks(mae) == 3 + 2  # encoder and decoder blocks; nothing runs yet
+    assert compile_blocks(mae) == 3 + 1  # encoder and decoder blocks (a one-block decoder too); nothing runs yet
     assert [k for k, _ in mae.named_parameters()] == names
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in mae.encoder.blocks)
     assert getattr(mae, "_compiled_call_impl", None) is None  # not the whole model
+
+    class Stage(torch.nn.Module):  # a hierarchical family: stages of blocks -> the blocks are compiled
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    stages = torch.nn.ModuleList([Stage(), Stage(), Stage()])
+    assert compile_blocks(stages) == 6
+    assert all(getattr(s, "_compiled_call_impl", None) is None for s in stages)
 
 
 TINY_RUN = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",

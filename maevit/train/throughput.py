@@ -517,27 +517,26 @@ def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, 
 def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     """Regional compilation: ``torch.compile`` each repeated block in place.
 
-    A "repeated block" is a child of an ``nn.Sequential`` / ``nn.ModuleList`` whose
-    children (two or more) all have the same class: the transformer blocks of the
-    encoder and decoder of a plain ViT, the blocks (or stages) of other families. Blocks
-    of one shape share one compiled graph, so compiling is quick and the masking /
+    A "block" is a child of an ``nn.Sequential`` / ``nn.ModuleList`` whose class repeats:
+    some such container holds two or more children, all of that class (the transformer
+    blocks of a plain ViT's encoder; the blocks or stages of other families). Every child
+    of that class in any such container is compiled, so a one-block decoder is too.
+    Blocks of one shape share one compiled graph, so compiling is quick, and the masking /
     gather code around them stays eager. Parameter names do not change.
 
     Returns:
         How many modules were compiled.
     """
-    n = 0
-
-    def visit(module: nn.Module) -> None:
-        nonlocal n
-        for child in module.children():
-            kids = list(child.children()) if isinstance(child, (nn.Sequential, nn.ModuleList)) else []
-            if len(kids) >= 2 and len({type(k) for k in kids}) == 1:
-                for k in kids:
-                    k.compile(**compile_kwargs)
-                    n += 1
-            else:
-                visit(child)
-
-    visit(model)
-    return n
+    containers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]
+    repeated = set()
+    for _, c in containers:
+        kinds = {type(k) for k in c.children()}
+        if len(c) >= 2 and len(kinds) == 1 and not issubclass(next(iter(kinds)), (nn.Sequential, nn.ModuleList)):
+            repeated |= kinds
+    found = {f"{name}.{child}" if name else child: k for name, c in containers
+             for child, k in c.named_children() if type(k) in repeated}
+    # the innermost repeated units: a stage made of repeated blocks is left to its blocks
+    blocks = [k for name, k in found.items() if not any(o.startswith(name + ".") for o in found)]
+    for k in blocks:
+        k.compile(**compile_kwargs)
+    return len(blocks)
