@@ -4,7 +4,8 @@ All three get the same architecture and the same weights (maevit's, copied into
 the others), the same batch on the same device, the same precision (autocast)
 and an AdamW step with MAE's hyper-parameters. maevit runs its own recipe
 (fused AdamW, and with ``--compile`` its regional compile of the blocks); the
-peers run as their code is written (``torch.optim.AdamW`` defaults, eager). The
+peers run as their code is written (``torch.optim.AdamW`` defaults, eager), or with
+``--peers-fused-adamw`` with the same fused AdamW, which compares the models alone. The
 models take turns (A B C, C B A, ...) so that drifts in load or clocks hit all
 alike; each round times ``--steps`` steps with one device sync at the end (no
 per-step host sync, as in training). Reported: the median over rounds of
@@ -193,7 +194,8 @@ def build_runners(args: argparse.Namespace, name: str, device: torch.device, ove
     for peer_name, peer in peers.items():
         peer.to(device).train()
         params = [p for p in peer.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        opt = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                fused=True if args.peers_fused_adamw else None)
         if peer_name == "hf_vitmae":
             fn = lambda x, n, m=peer: m(pixel_values=x, noise=n).loss  # noqa: E731
         else:  # the published forward draws its own mask noise: (loss, pred, mask)
@@ -235,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true", help="maevit: torch.compile each block (regional)")
     p.add_argument("--compile-peers", action="store_true", help="with --compile: the peers' blocks too")
     p.add_argument("--peers", nargs="*", default=["hf", "published"], choices=("hf", "published"))
+    p.add_argument("--peers-fused-adamw", action="store_true",
+                   help="the peers use fused AdamW too (compares the models alone; default: torch's default "
+                        "AdamW, as the peers' training scripts do)")
     p.add_argument("--mae-code", default=os.environ.get("MAE_CODE"),
                    help="checkout of github.com/facebookresearch/mae (or its models_mae.py); without it, "
                         "the published model is left out")
