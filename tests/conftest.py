@@ -6,6 +6,9 @@ import torch
 
 # Small, fast, deterministic CPU tests: two cores here, fp32 only.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# run.precision=auto (the default) must not pick bf16 on CPUs with bf16 units, here or in the
+# commands the tests start as subprocesses: the tests compare numbers and must not depend on timing.
+os.environ["MAEVIT_CPU_BF16"] = "0"
 
 # The test extras of pyproject.toml: a missing one is an error, never a silent skip of the tests
 # that need it (the HF parity tests would otherwise vanish and let model bugs through).

@@ -232,7 +232,7 @@ def _ft_overrides(run_dir, **extra) -> list[str]:
         "data.train": "bundled:train", "data.val": "null", "data.batch_size": 8, "data.num_workers": 0,
         "data.label_fraction": 0.05, "optim.epochs": 2, "optim.warmup_epochs": 1, "optim.base_lr": 1e-3,
         "optim.layer_decay": 0.75, "optim.accum_steps": 2, "run.dir": str(run_dir), "run.log_every": 1,
-        "run.ckpt_every": 0,
+        "run.ckpt_every": 0, "run.precision": "fp32",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -282,6 +282,7 @@ def test_finetune_end_to_end_exports_timm_loadable_classifier(tmp_path, capsys):
     assert "timm.create_model('vit_tiny_patch16_224'" in capsys.readouterr().out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_top1" in r for r in rows) and all(r["loss"] > 0 for r in rows if "loss" in r)
+    assert all(r["tflops"] > 0 and 0 < r["mfu"] < 1 for r in rows if "loss" in r)  # FLOPs / MFU columns
 
     assert main_eval([str(run), "--data", "bundled:val", "--num-workers", "0", "--batch-size", "100"]) == 0
     report = json.loads((run / "eval.json").read_text())

@@ -27,7 +27,7 @@ TINY = [
     "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
     "model.decoder_num_heads=2", "data.train=bundled:train", "data.batch_size=8", "data.num_workers=0",
     "data.shuffle_buffer=64", "optim.epochs=1", "optim.warmup_epochs=0.05", "optim.base_lr=1.0e-3",
-    "run.progress=false", "run.viz_every=0",
+    "run.progress=false", "run.viz_every=0", "run.precision=fp32",
 ]
 
 
@@ -266,7 +266,7 @@ def test_tensorboard_gets_the_logged_metrics(tmp_path):
     assert events, f"no event file under {run_dir / 'tensorboard'}"
     acc = EventAccumulator(str(events[0].parent)).Reload()
     rows = runs.read_metrics(run_dir / "metrics.jsonl")
-    for tag, key in (("train/loss", "loss"), ("probe/knn_top1", "knn_top1")):
+    for tag, key in (("train/loss", "loss"), ("train/mfu", "mfu"), ("probe/knn_top1", "knn_top1")):
         logged = [r for r in rows if key in r]
         scalars = acc.Scalars(tag)
         assert [e.step for e in scalars] == [r["step"] for r in logged] and len(logged) >= 1

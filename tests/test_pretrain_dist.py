@@ -52,6 +52,8 @@ def test_two_process_cpu_run(tmp_path):
     assert "pretraining on 2 process(es)" in proc.stderr  # accelerator.num_processes == 2
 
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    # precision=auto, in the refused (locked) attempt and in the run: rank 0 decides for all
+    assert [s["precision"] for s in seen] == [["fp32", "fp32"], ["fp32", "fp32"]]
     # 100 images, 2 ranks x batch 4: 12 batches per rank per epoch, 2 epochs
     for epoch in range(2):
         ids = [s["ids"][epoch * 12 * 4:(epoch + 1) * 12 * 4] for s in seen]
@@ -106,6 +108,21 @@ def _worker(shards: str, run_dir: str) -> int:
 
     stream.pretrain_loader = lambda *a, **k: Recording(real_loader(*a, **k))
     pretrain.create_mae = create
+
+    # run.precision=auto: the ranks would decide differently (rank 1 "measures" bf16 as faster); the
+    # main process's choice (fp32, so the test stays in fp32) must reach every rank
+    from maevit.train import throughput
+
+    real_resolve, choices = throughput.resolve_precision, []
+    throughput._gather_choice = lambda device, speed_check: throughput.PrecisionChoice(
+        "fp32" if rank == 0 else "bf16", f"rank {rank}'s own view")
+
+    def resolve(*a, **k):
+        choice = real_resolve(*a, **k)
+        choices.append(choice.precision)
+        return choice
+
+    throughput.resolve_precision = resolve
     args = [
         "pretrain", "model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_size=8",
         "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32",
@@ -113,6 +130,7 @@ def _worker(shards: str, run_dir: str) -> int:
         "data.num_workers=1", "data.shuffle_buffer=16", f"data.mean={list(MEAN)}", f"data.std={list(STD)}",
         "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.base_lr=1.0e-2", f"run.dir={run_dir}",
         "run.log_every=4", "run.ckpt_every=10", "run.viz_every=0", "run.progress=false",
+        "run.precision=auto",
     ]
     import maevit.dirlock as dirlock
     import maevit.train.runs as runs
@@ -127,7 +145,7 @@ def _worker(shards: str, run_dir: str) -> int:
     models.clear()
     rc = main(args)
     torch.save(models[0].state_dict(), out / f"rank{rank}.pt")
-    (out / f"rank{rank}.json").write_text(json.dumps({"ids": ids, "locked_rc": locked_rc}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"ids": ids, "locked_rc": locked_rc, "precision": choices}))
     return rc
 
 

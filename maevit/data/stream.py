@@ -807,7 +807,9 @@ class _StreamDataset(IterableDataset):
             x = torch.zeros(0)
             y = torch.zeros(0, dtype=torch.int64)
         else:
-            if imgs[good[0]].dtype == torch.uint8:
+            if hasattr(s.transform, "collate"):  # data.decode=device: JPEGs stay encoded (device_decode)
+                x = s.transform.collate([imgs[i] for i in good], s.mean, s.std)
+            elif imgs[good[0]].dtype == torch.uint8:
                 x = normalize_batch([imgs[i] for i in good], s.mean, s.std)  # [B, 3, H, W] float
             else:
                 x = torch.stack([imgs[i] for i in good])  # [B, 3, H, W], normalized by the transform
@@ -926,6 +928,14 @@ def _check_rank(rank: int, world_size: int, batch_size: int, num_workers: int) -
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}.")
 
 
+def _pretrain_transform(decode: str) -> type:
+    if decode == "device":
+        from .device_decode import DeviceDecodeTransform
+
+        return DeviceDecodeTransform
+    return PretrainTransform
+
+
 def pretrain_loader(
     source: Any,
     *,
@@ -946,6 +956,7 @@ def pretrain_loader(
     draft: bool = True,
     pin_memory: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    decode: str = "worker",
 ) -> StreamLoader:
     """MAE pretraining stream: crop-aware RandomResizedCrop + flip + normalize.
 
@@ -966,12 +977,17 @@ def pretrain_loader(
         draft: crop-aware reduced-scale JPEG decoding.
         pin_memory: pin batches (GPU training).
         max_pixels: images with more pixels are skipped and counted (`oversized_image`); None / 0: no limit.
+        decode: "worker" (decode + crop in the loader workers) or "device": workers only draw the
+            crop and flip; JPEGs are decoded by `batch.to(device)` (see `maevit.data.device_decode`).
 
     Returns:
-        A `StreamLoader` yielding float tensors `[B, 3, H, W]`.
+        A `StreamLoader` yielding float tensors `[B, 3, H, W]` (with decode="device", batches
+        whose `.to(device)` gives that tensor).
     """
     if mode not in ("exact", "resampled"):
         raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}.")
+    if decode not in ("worker", "device"):
+        raise ValueError(f"decode must be 'worker' or 'device', got {decode!r}.")
     _check_rank(rank, world_size, batch_size, num_workers)
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=mode == "exact")
     if mode == "resampled" and samples_per_epoch is None and not src.counts_known:
@@ -979,7 +995,7 @@ def pretrain_loader(
                               "(data.samples_per_epoch, all processes together).")
     spec = _Spec(
         src.units, batch_size, seed, rank, world_size, num_workers, mode, drop_last, shuffle_buffer,
-        samples_per_epoch, False, PretrainTransform(img_size, scale=scale, draft=draft),
+        samples_per_epoch, False, _pretrain_transform(decode)(img_size, scale=scale, draft=draft),
         tuple(mean), tuple(std), max_pixels=max_pixels,
     )
     return StreamLoader(spec, src, pin_memory=pin_memory)

@@ -31,7 +31,7 @@ logger = logging.getLogger("maevit")
 
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 # ----------------------------------------------------------------------------- config sections
@@ -43,7 +43,7 @@ class RunBase:
 
     dir: str = "runs/run"  # run directory: config, metrics, checkpoints, images, weights
     seed: int = 0
-    precision: Precision = "fp32"  # bf16 on recent GPUs; fp32 on CPU
+    precision: Precision = "auto"  # auto: bf16 where native and faster (GPUs; CPUs with bf16 units), else fp32
     log_every: int = 50  # optimizer steps between metric rows (the only host syncs)
     keep_last: int = 2  # checkpoints kept
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
@@ -76,8 +76,20 @@ class TrainingInterrupted(Exception):
 # ----------------------------------------------------------------------------- accelerator
 
 
+def resolve_run_precision(run: Any, speed_check: Any = None) -> str:
+    """``run.precision`` for this device: ``auto`` becomes bf16 or fp32 (logged with the reason; a resumed
+    run keeps its recorded choice; rank 0 decides for all). See :func:`maevit.train.throughput.resolve_precision`."""
+    from maevit.train.throughput import resolve_precision
+
+    choice = resolve_precision(run.precision, run.dir, fresh=run.fresh, speed_check=speed_check)
+    if run.precision == "auto":
+        logger.info("precision auto -> %s", choice)
+    return choice.precision
+
+
 def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.PathLike | None = None):
-    """An ``Accelerator`` for one run: precision, accumulation, TensorBoard under ``run_dir`` when available."""
+    """An ``Accelerator`` for one run: precision (resolved: fp32 / bf16 / fp16), accumulation,
+    TensorBoard under ``run_dir`` when available."""
     from accelerate import Accelerator
     from accelerate.utils import is_tensorboard_available
 

@@ -25,12 +25,12 @@ from maevit.config import ConfigError
 from maevit.data.transforms import DEFAULT_MAX_PIXELS
 from maevit.models import create_classifier
 from maevit.models.weights import header_of, save_weights, timm_load_line
-from maevit.train import runs
+from maevit.train import runs, throughput
 from maevit.train.common import (
     IMAGENET_MEAN, IMAGENET_STD, RunBase, StepGuard, TrainingInterrupted, batches_from, building_model,
     check_resumable, describe_data, labeled_for_rank, log_memory_estimate, make_accelerator, num_classes_of,
     plan_schedule, progress_bar,
-    report_progress, resolve_num_workers, run_recipe_command, start_trackers, stop_requested,
+    report_progress, resolve_num_workers, resolve_run_precision, run_recipe_command, start_trackers, stop_requested,
 )
 from maevit.train.curves import FINETUNE_PANELS, save_run_curves
 from maevit.train.distill import DistillConfig, build_teacher
@@ -178,7 +178,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     d, o, m = cfg.data, cfg.optim, cfg.model
     if not d.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
-    acc = make_accelerator(cfg.run.precision, o.accum_steps, cfg.run.dir)
+    precision = resolve_run_precision(cfg.run)  # auto: bf16 where native and faster (CPU: a matmul check)
+    acc = make_accelerator(precision, o.accum_steps, cfg.run.dir)
     set_seed(cfg.run.seed)  # same init on every rank; numpy / random for Mixup too
     common = dict(img_size=m.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),
                   seed=cfg.run.seed, mean=d.mean, std=d.std, max_pixels=d.max_pixels)
@@ -209,8 +210,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                           warmup_epochs=o.warmup_epochs, base_lr=o.base_lr, effective_batch=eff_batch,
                           min_lr=o.min_lr, max_steps=o.max_steps)
     if acc.is_main_process:
-        log_memory_estimate(acc, model, (d.batch_size, model.in_chans, *model.img_size), cfg.run.precision)
+        log_memory_estimate(acc, model, (d.batch_size, model.in_chans, *model.img_size), precision)
     model.to(acc.device)
+    meter = throughput.meter_for(  # FLOPs per image, peak, MFU
+        model, (3, *model.img_size), acc.device, precision, num_processes=acc.num_processes, log=acc.is_main_process)
     optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay), sched.peak_lr,
                             o.weight_decay, betas=(0.9, 0.999))
     ema = ModelEmaV3(model, decay=cfg.run.ema) if cfg.run.ema else None
@@ -219,7 +222,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     mixup_fn, criterion = build_criterion(d, num_classes)
     header = classifier_header(acc.unwrap_model(model), class_names, d.mean, d.std)
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0, "precision": precision}  # kept on resume
     if ckpt is not None:
         state.update(runs.load_checkpoint(acc, ckpt))
         if ema is not None:
@@ -259,7 +262,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     stopping = False
     while step < sched.last_step and not stopping:
         model.train()
-        for x, y in batches_from(train_loader, epoch, batch):
+        for x, y in meter.timed(batches_from(train_loader, epoch, batch)):  # data-wait time
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)  # [B,C,H,W], [B]
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)  # y: [B, num_classes] soft targets
@@ -282,10 +285,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 losses.append(row["loss"])
                 rate = eff_batch * (step - step_t0) / (time.perf_counter() - t0)
                 row.update(epoch=round(epoch + batch / len(train_loader), 4), lr=optimizer.param_groups[-1]["lr"],
-                           images_per_sec=round(rate, 2))
+                           images_per_sec=round(rate, 2), **meter.fields(rate))  # tflops, mfu, data_wait
                 skipped = skips.totals()
                 metrics.log(step, **row, skipped=skipped)
-                acc.log({**{f"train/{k}": v for k, v in row.items()},
+                acc.log({**{f"train/{k}": v for k, v in row.items() if v is not None},
                          **{f"train/skipped_{k}": v for k, v in skipped.items()}}, step=step)
                 if acc.is_main_process:
                     report_progress(bar, step, sched.last_step, epoch=row["epoch"], loss=row["loss"], lr=row["lr"],

@@ -25,12 +25,12 @@ from maevit.config import ConfigError, to_dict
 from maevit.data.transforms import DEFAULT_MAX_PIXELS
 from maevit.models import create_mae, export_encoder
 from maevit.models.weights import header_of
-from maevit.train import runs
+from maevit.train import runs, throughput
 from maevit.train.common import (
     IMAGENET_MEAN, IMAGENET_STD, NonFiniteLossError, RunBase, StepGuard, TrainingInterrupted, batches_from,
     building_model, check_resumable, describe_data, log_memory_estimate, make_accelerator, plan_schedule,
     progress_bar, report_progress,
-    resolve_num_workers, run_recipe_command, start_trackers, stop_requested,
+    resolve_num_workers, resolve_run_precision, run_recipe_command, start_trackers, stop_requested,
 )
 from maevit.train.curves import PRETRAIN_PANELS, save_run_curves
 from maevit.train.distill import FeatureDistillConfig, StudentTokens, build_feature_teacher, feature_distill_loss
@@ -74,6 +74,7 @@ class DataConfig:
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE)
     allow_pipe: bool = False  # allow `pipe:` shard URLs (they run shell commands)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped and counted (64 MP); None: no limit
+    decode: Literal["worker", "device"] = "worker"  # device: JPEGs decoded on the GPU (nvJPEG), crops drawn on CPU
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -103,7 +104,8 @@ class OptimConfig:
 class RunConfig(RunBase):
     dir: str = "runs/pretrain"
     keep_last: int = 3
-    compile: bool = False  # torch.compile the model (faster steps after a slow first one)
+    compile: bool = False  # torch.compile each repeated block (regional; faster steps after slow first ones)
+    peak_tflops: float | None = None  # peak TFLOP/s per device for MFU; None: GPU table / measured on CPU
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     viz_every: int = 1000  # steps between reconstruction grids in RUN_DIR/images (0: never)
     viz_images: int = 8  # images in the grid (a fixed set)
@@ -141,6 +143,7 @@ def _loader(cfg: PretrainConfig, acc, **kw):
         rank=acc.process_index, world_size=acc.num_processes, mode=d.mode, samples_per_epoch=d.samples_per_epoch,
         shuffle_buffer=d.shuffle_buffer, mean=d.mean, std=d.std, scale=d.scale, allow_pipe=d.allow_pipe,
         pin_memory=acc.device.type == "cuda", max_pixels=d.max_pixels,
+        decode=d.decode,
     )
     return pretrain_loader(d.train, **{**args, **kw})
 
@@ -179,11 +182,17 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
 
     if not cfg.data.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled)")
-    acc = make_accelerator(cfg.run.precision, cfg.optim.accum_steps, cfg.run.dir)
-    logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device, cfg.run.precision)
     set_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
     with building_model():  # before open_run: a bad name or size changes no files
         model = create_mae(cfg.model.name, **cfg.model.overrides())
+    img_shape = (3, *model.encoder.img_size)  # the loader's RGB images
+    precision = resolve_run_precision(  # auto: bf16 where native and this model's step is faster (global RNG kept)
+        cfg.run, speed_check=lambda: throughput.bf16_speedup(model, img_shape))
+    acc = make_accelerator(precision, cfg.optim.accum_steps, cfg.run.dir)
+    logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device, precision)
+    meter = throughput.meter_for(  # FLOPs per image, peak, MFU (before compile / prepare)
+        model, img_shape, acc.device, precision, num_processes=acc.num_processes, peak=cfg.run.peak_tflops,
+        log=acc.is_main_process)
     check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
     workers = resolve_num_workers(cfg.data.num_workers)
     loader = _loader(cfg, acc, num_workers=workers)  # before open_run too: a bad data source changes no files
@@ -207,7 +216,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                           min_lr=o.min_lr, max_steps=o.max_steps)
     if acc.is_main_process:
         log_memory_estimate(acc, model, (cfg.data.batch_size, model.encoder.in_chans, *model.encoder.img_size),
-                            cfg.run.precision)
+                            precision)
     optimizer = build_adamw(model.to(acc.device), sched.peak_lr, o.weight_decay, o.betas)
     teacher = proj = None  # DMAE: a frozen teacher encoder (never trained or saved) and a trained projection
     if cfg.distill.enabled:
@@ -218,8 +227,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         for group in param_groups(proj, o.weight_decay):
             optimizer.add_param_group(group)
         logger.info("distilling features from %s (weight %g)", teacher.source, cfg.distill.weight)
-    if cfg.run.compile:
-        model.compile()  # in place: parameter names stay the same (no "_orig_mod.")
+    if cfg.run.compile:  # regional: each repeated block in place; parameter names stay the same
+        logger.info("compiled %d blocks", throughput.compile_blocks(model))
     if proj is None:
         model, optimizer = acc.prepare(model, optimizer)
     else:  # the projection is saved in the training checkpoints beside the MAE (model_1.safetensors)
@@ -229,7 +238,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     mask_gen = torch.Generator(acc.device).manual_seed(cfg.run.seed * 1000 + acc.process_index)
     header = header_of(acc.unwrap_model(model), "mae")
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0, "precision": precision}  # kept on resume
     if ckpt is not None:
         state.update(runs.load_checkpoint(acc, ckpt, generators={"mask": mask_gen}))
     step, epoch, batch = state["step"], state["epoch"], state["batch"]
@@ -260,7 +269,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     while step < sched.last_step and not stopping:
         if batch >= batches_per_epoch:  # also after a resume at the very end of an epoch
             epoch, batch = epoch + 1, 0
-        for imgs in batches_from(loader, epoch, batch):
+        for imgs in meter.timed(batches_from(loader, epoch, batch)):  # data-wait time
             imgs = imgs.to(acc.device, non_blocking=True)  # [B, C, H, W]
             with acc.accumulate(model):
                 if teacher is None:
@@ -283,7 +292,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 row = guard.read(acc, cfg.run.max_nonfinite, _advice(cfg))
                 img_s = eff_batch * (step - step_log) / (time.perf_counter() - t_log)
                 summary = _log(acc, metrics, bar, step, sched.last_step, epoch + batch / len(loader), optimizer, row,
-                               img_s, skips.totals())
+                               img_s, skips.totals(), meter.fields(img_s))  # tflops, mfu, data_wait
                 t_log, step_log = time.perf_counter(), step
             if viz_imgs is not None and (step % cfg.run.viz_every == 0 or step == sched.last_step):
                 _save_grid(acc, model, viz_imgs, cfg, run.images_dir / f"recon-{step:08d}.png")
@@ -327,12 +336,12 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _log(acc, metrics, bar, step, last_step, epoch, optimizer, row, img_per_sec,
-         skipped: dict[str, int]) -> dict[str, Any]:
+         skipped: dict[str, int], speed: dict[str, Any]) -> dict[str, Any]:
     """One metrics row (already reduced over ranks) to metrics.jsonl, the tracker and the bar (or the log)."""
     row = {"epoch": round(epoch, 4), "loss": row["loss"], "lr": optimizer.param_groups[0]["lr"],
-           "images_per_sec": round(img_per_sec, 2), "nonfinite_steps": row["nonfinite_steps"]}
+           "images_per_sec": round(img_per_sec, 2), "nonfinite_steps": row["nonfinite_steps"], **speed}
     metrics.log(step, **row, skipped=skipped)  # bad samples skipped since step 0, by kind
-    acc.log({**{f"train/{k}": v for k, v in row.items()}, **{f"train/skipped_{k}": v for k, v in skipped.items()}},
+    acc.log({**{f"train/{k}": v for k, v in row.items() if v is not None}, **{f"train/skipped_{k}": v for k, v in skipped.items()}},
             step=step)
     if acc.is_main_process:
         report_progress(bar, step, last_step, epoch=epoch, loss=row["loss"], lr=row["lr"], img_s=img_per_sec,

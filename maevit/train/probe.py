@@ -20,7 +20,8 @@ from maevit.models import create_classifier
 from maevit.train import runs
 from maevit.train.common import (
     IMAGENET_MEAN, IMAGENET_STD, Precision, building_model, clip_warmup, describe_data, labeled_for_rank,
-    make_accelerator, num_classes_of, progress_bar, resolve_num_workers, run_recipe_command, start_trackers,
+    make_accelerator, num_classes_of, progress_bar, resolve_num_workers, resolve_run_precision, run_recipe_command,
+    start_trackers,
 )
 from maevit.train.evaluate import evaluate_classifier
 from maevit.train.knn import encoder_features, extract_features
@@ -175,7 +176,7 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
 
     if not cfg.data.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
-    acc = make_accelerator(cfg.run.precision, run_dir=cfg.run.dir)
+    acc = make_accelerator(resolve_run_precision(cfg.run), run_dir=cfg.run.dir)
     set_seed(cfg.run.seed)
     d, o = cfg.data, cfg.optim
     common = dict(img_size=cfg.model.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),

@@ -1,0 +1,545 @@
+"""Throughput you can see: FLOPs per image, peak FLOP/s, MFU, and the precision choice.
+
+- :func:`count_train_flops`: forward + backward FLOPs of one training step per
+  image, counted by ``torch.utils.flop_counter.FlopCounterMode`` on whatever the
+  model does (``model(imgs).loss``, then ``backward()``), so it needs nothing
+  but the generic MAE interface and works for every encoder family. It runs on
+  the meta device (no memory, no compute, the model untouched); a model that
+  cannot run on meta is counted with one real image on its own device instead,
+  on copies of its weights.
+- :func:`peak_tflops`: dense peak of the device at a precision, from
+  :data:`GPU_PEAK_TFLOPS` (datasheet figures) or, on CPU, from a short matmul
+  measurement (:func:`cpu_matmul_tflops`; cached per process), labelled as such.
+- :class:`ThroughputMeter`: turns images/s into achieved TFLOP/s per device
+  and MFU (model FLOPs utilisation = achieved / peak), and measures the share
+  of wall time the loop waits for data; these become the ``tflops``, ``mfu``
+  and ``data_wait`` columns of ``metrics.jsonl`` and the tracker.
+- :func:`choose_precision`: ``run.precision=auto`` as a pure function of the
+  facts (device type, bf16 support, native bf16 units, measured bf16 speed-up);
+  :func:`resolve_precision` gathers those facts, keeps a resumed run on the
+  precision it started with, and agrees across processes.
+- :func:`compile_blocks`: regional ``torch.compile`` of the repeated blocks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("maevit.throughput")
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# ----------------------------------------------------------------------------- FLOPs
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one training step, per image.
+
+    Attributes:
+        forward: forward pass (mask, encode, decode, loss).
+        total: forward + backward.
+        counted_on: "meta", or the device type of the one-image fallback.
+    """
+
+    forward: int
+    total: int
+    counted_on: str
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+
+def _cpu_attention_flops() -> dict[Any, Any]:
+    """FLOP formulas for CPU's fused attention kernels, which ``flop_counter`` does not list
+    (on meta and CUDA, SDPA dispatches to kernels it does count)."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    out = {}
+    for cpu_op, twin in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+                         ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                          "_scaled_dot_product_flash_attention_backward")):
+        if hasattr(aten, cpu_op) and getattr(aten, twin) in flop_registry:
+            fn = flop_registry[getattr(aten, twin)]
+            out[getattr(aten, cpu_op)] = getattr(fn, "__wrapped__", fn)  # FlopCounterMode wraps it again
+    return out
+
+
+def _count(model: nn.Module, tensors: dict[str, torch.Tensor], imgs: torch.Tensor,
+           mask_ratio: float | None) -> tuple[int, int]:
+    from torch.func import functional_call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kwargs = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
+    mapping = _cpu_attention_flops()
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
+        out = functional_call(model, tensors, (imgs,), kwargs, strict=False)
+        loss = out.loss if hasattr(out, "loss") else out.float().mean()
+    with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
+        loss.backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+def count_train_flops(
+    model: nn.Module,
+    img_shape: tuple[int, int, int],
+    *,
+    mask_ratio: float | None = None,
+    batch_size: int = 1,
+) -> FlopCount:
+    """Forward + backward FLOPs per image of ``model(imgs).loss`` (an MAE training step), or of
+    ``model(imgs)`` for a model that returns a tensor (a classifier; the loss itself is free).
+
+    Counts matmuls, convolutions and attention (the ops ``torch.utils.flop_counter``
+    knows: everything else is a rounding error for ViTs). The model, its gradients,
+    buffers and the global RNG are left untouched. Count before ``torch.compile``.
+
+    Args:
+        model: anything whose ``forward(imgs, mask_ratio=...)`` returns an object with ``.loss``,
+            or whose ``forward(imgs)`` returns a tensor (then ``mask_ratio`` must be None).
+        img_shape: ``(C, H, W)`` of one image.
+        mask_ratio: the ratio to count at; None: the model's default.
+        batch_size: images in the counted batch (the result is per image).
+
+    Returns:
+        :class:`FlopCount`.
+    """
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    try:  # meta: shapes only
+        tensors = {k: torch.empty_like(v, device="meta").requires_grad_(v.requires_grad) for k, v in params.items()}
+        tensors.update({k: torch.empty_like(v, device="meta") for k, v in buffers.items()})
+        imgs = torch.empty(batch_size, *img_shape, device="meta")
+        with torch.random.fork_rng(devices=[]):
+            f, b = _count(model, tensors, imgs, mask_ratio)
+        where = "meta"
+    except Exception as exn:  # e.g. data-dependent shapes: one real step on copies of the weights
+        device = next(iter(params.values())).device
+        logger.debug("FLOPs on meta failed (%s: %s); counting one real step on %s", type(exn).__name__, exn, device)
+        tensors = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+        tensors.update({k: v.detach().clone() for k, v in buffers.items()})
+        forked = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked):
+            imgs = torch.randn(batch_size, *img_shape, device=device)
+            f, b = _count(model, tensors, imgs, mask_ratio)
+        where = device.type
+    return FlopCount(forward=f // batch_size, total=(f + b) // batch_size, counted_on=where)
+
+
+# ----------------------------------------------------------------------------- peaks
+# Dense (non-sparse) tensor-core peaks in TFLOP/s from NVIDIA's datasheets / architecture
+# whitepapers: A100 (SXM4 and PCIe), H100 SXM5 / PCIe / NVL, H200 SXM / NVL, L4, and the
+# GeForce RTX 4090 (Ada whitepaper, FP32 accumulate). "tf32" applies to fp32 matmuls when
+# torch allows TF32 (torch.set_float32_matmul_precision("high")), "fp32" otherwise;
+# fp16 shares the bf16 figure on all of these. First matching key wins (most specific first).
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    "H200 NVL": {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0},
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM: the H100 SXM5 compute
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM4 and PCIe, 40 and 80 GB
+    "L4": {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "RTX 4090": {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6},
+}
+
+
+def gpu_peak_tflops(device_name: str, precision: str, *, tf32: bool = False) -> float | None:
+    """Dense peak TFLOP/s of a GPU named ``device_name`` (``torch.cuda.get_device_name()``)
+    at ``precision`` (fp32 / bf16 / fp16); None for a GPU not in :data:`GPU_PEAK_TFLOPS`."""
+    key = "bf16" if precision in ("bf16", "fp16") else ("tf32" if tf32 else "fp32")
+    for name, peaks in GPU_PEAK_TFLOPS.items():
+        if name.lower() in device_name.lower():
+            return peaks[key]
+    return None
+
+
+def _best_rate(fns: dict[str, Any], flops: float, budget_s: float) -> dict[str, float]:
+    """Best TFLOP/s of each callable, called in alternation until ``budget_s`` is spent
+    (alternating: a burst of load from other processes hits both alike)."""
+    best = dict.fromkeys(fns, math.inf)
+    for fn in fns.values():  # warm-up: thread pool, packing buffers
+        fn()
+    end = time.perf_counter() + budget_s
+    reps = 0
+    while time.perf_counter() < end or reps < 2:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        reps += 1
+    return {name: flops / t / 1e12 for name, t in best.items()}
+
+
+def matmul_tflops(dtypes: Iterable[str] = ("fp32",), *, n: int = 1024, budget_s: float = 0.3,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
+    """Measured matmul rate (TFLOP/s) of an ``n x n`` product per dtype: the best of repeated
+    calls, dtypes alternating, for about ``budget_s`` seconds (plus a warm-up call each)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(n, n, generator=gen).to(device), torch.randn(n, n, generator=gen).to(device)
+    fns = {}
+    for name in dtypes:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        a, b = a32.to(dt), b32.to(dt)
+        if device.type == "cuda":
+            fns[name] = lambda a=a, b=b: (torch.mm(a, b), torch.cuda.synchronize(device))
+        else:
+            fns[name] = lambda a=a, b=b: torch.mm(a, b)
+    return _best_rate(fns, 2.0 * n**3, budget_s)
+
+
+_CPU_RATES: dict[tuple[str, int, int], float] = {}  # (dtype, threads, n) -> TFLOP/s, per process
+
+
+def cpu_matmul_tflops(dtypes: Iterable[str] = ("fp32",), *, n: int = 1024, budget_s: float = 0.3) -> dict[str, float]:
+    """Measured CPU matmul rate (TFLOP/s) per dtype with the current torch thread count
+    (:func:`matmul_tflops`), cached per process, so the bf16 check of ``precision=auto``
+    and the MFU peak use the same measurement.
+
+    This is the CPU's *measured* peak, the yardstick for MFU on CPU; it is not a datasheet
+    figure, and on a machine shared with other jobs it is what this process got at start-up.
+    """
+    threads = torch.get_num_threads()
+    missing = [d for d in dtypes if (d, threads, n) not in _CPU_RATES]
+    if missing:
+        for name, rate in matmul_tflops(missing, n=n, budget_s=budget_s).items():
+            _CPU_RATES[(name, threads, n)] = rate
+    return {d: _CPU_RATES[(d, threads, n)] for d in dtypes}
+
+
+def peak_tflops(device: torch.device | str, precision: str) -> tuple[float | None, str]:
+    """Peak TFLOP/s per device for MFU, and where the figure comes from.
+
+    Returns:
+        ``(tflops, source)``; ``tflops`` is None for a GPU missing from :data:`GPU_PEAK_TFLOPS`
+        (then set ``run.peak_tflops``).
+    """
+    device = torch.device(device)
+    precision = "fp32" if precision not in ("bf16", "fp16") else precision
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tf32 = precision == "fp32" and torch.backends.cuda.matmul.allow_tf32
+        peak = gpu_peak_tflops(name, precision, tf32=tf32)
+        kind = "bf16/fp16" if precision != "fp32" else ("tf32" if tf32 else "fp32")
+        if peak is None:
+            return None, f"{name} is not in maevit's table of peaks: set run.peak_tflops for MFU"
+        return peak, f"{name} dense {kind} peak (datasheet)"
+    if device.type == "cpu":
+        rate = cpu_matmul_tflops((precision,))[precision]
+        return rate, f"measured {precision} matmul rate of this CPU, {torch.get_num_threads()} threads"
+    return None, f"no peak known for device type {device.type!r}: set run.peak_tflops for MFU"
+
+
+# ----------------------------------------------------------------------------- MFU meter
+class ThroughputMeter:
+    """Achieved TFLOP/s and MFU from images/s, and the share of time spent waiting for data.
+
+    Args:
+        flops_per_image: forward + backward FLOPs per image (:func:`count_train_flops`).
+        peak: peak TFLOP/s of *one* device (None: MFU is not reported).
+        num_processes: devices the images/s figure is spread over.
+    """
+
+    WAIT_WARNING = 0.1  # share of wall time waiting for data that is worth a hint (once per run)
+
+    def __init__(self, flops_per_image: float, peak: float | None, num_processes: int = 1) -> None:
+        self.flops_per_image, self.peak, self.num_processes = flops_per_image, peak, num_processes
+        self._wait = 0.0
+        self._t0 = time.perf_counter()
+        self._windows, self._warned = 0, False
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """Yield from ``batches``, adding the time spent inside ``next()`` to the data wait."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self._wait += time.perf_counter() - t0
+            yield item
+
+    def fields(self, images_per_sec: float) -> dict[str, float | None]:
+        """``tflops`` (achieved per device), ``mfu`` (fraction of the peak) and ``data_wait``
+        (fraction of the wall time since the last call spent waiting for the next batch)."""
+        now = time.perf_counter()
+        tflops = self.flops_per_image * images_per_sec / self.num_processes / 1e12
+        wait = self._wait / max(now - self._t0, 1e-9)
+        self._wait, self._t0 = 0.0, now
+        self._windows += 1
+        if self._windows >= 2 and wait > self.WAIT_WARNING and not self._warned:  # window 1: loader start-up
+            self._warned = True
+            logger.warning("the training loop waited for data %.0f%% of the time: the loader is the bottleneck. "
+                           "Raise data.num_workers (about one per CPU core per device), write pre-resized "
+                           "shards (maevit shards write --resize-shorter 320), or decode on the GPU "
+                           "(data.decode=device)", 100 * wait)
+        return {
+            "tflops": _sig(tflops),
+            "mfu": _sig(tflops / self.peak) if self.peak else None,
+            "data_wait": round(min(wait, 1.0), 4),
+        }
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` rounded to ``digits`` significant digits (a tiny model's TFLOP/s is not 0.0)."""
+    return float(f"{x:.{digits}g}")
+
+
+def meter_for(model: nn.Module, img_shape: tuple[int, int, int], device: torch.device | str, precision: str, *,
+              num_processes: int = 1, peak: float | None = None, mask_ratio: float | None = None,
+              log: bool = True) -> ThroughputMeter:
+    """Count the model's FLOPs, find the device's peak, log both with the parameter count,
+    and return a :class:`ThroughputMeter`. ``peak`` overrides the table / measurement."""
+    flops = count_train_flops(model, img_shape, mask_ratio=mask_ratio)
+    source = "run.peak_tflops"
+    if peak is None:
+        peak, source = peak_tflops(device, precision)
+    if log:
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("model: %.2fM parameters (%.2fM trainable); %.2f GFLOP per image forward + backward "
+                    "(forward %.2f, counted on %s)", n_params / 1e6, n_train / 1e6, flops.total / 1e9,
+                    flops.forward / 1e9, flops.counted_on)
+        logger.info("MFU against %s", f"{peak:.3g} TFLOP/s per device ({source})" if peak else f"nothing ({source})")
+    return ThroughputMeter(flops.total, peak, num_processes)
+
+
+# ----------------------------------------------------------------------------- precision
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What ``run.precision`` resolved to, and why (for the log)."""
+
+    precision: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.precision} ({self.reason})"
+
+
+MIN_CPU_BF16_SPEEDUP = 1.1  # bf16 must beat fp32 by this much (a margin for timing noise)
+
+
+def choose_precision(
+    device_type: str,
+    *,
+    bf16_supported: bool,
+    bf16_native: list[str] | tuple[str, ...] = (),
+    bf16_speedup: float | None = None,
+    speedup_of: str = "the training step",
+    device_name: str = "",
+    min_speedup: float = MIN_CPU_BF16_SPEEDUP,
+) -> PrecisionChoice:
+    """``run.precision=auto``: bf16 autocast where it is native and pays off, fp32 otherwise.
+
+    Args:
+        device_type: "cuda", "cpu", ...
+        bf16_supported: the device runs bf16 natively (CUDA: compute capability >= 8.0).
+        bf16_native: CPU: the bf16 instruction-set flags found (e.g. ``["avx512_bf16"]``);
+            empty means bf16 would be emulated.
+        bf16_speedup: CPU: measured speed in bf16 autocast / speed in fp32; None if not measured.
+        speedup_of: what was timed, for the message.
+        device_name: for the message.
+        min_speedup: CPU: the speed-up bf16 must show to be chosen.
+    """
+    if device_type == "cuda":
+        if bf16_supported:
+            return PrecisionChoice("bf16", f"GPU {device_name} supports bf16".replace("GPU  ", "GPU "))
+        return PrecisionChoice("fp32", f"GPU {device_name} has no native bf16 (compute capability < 8.0); "
+                                       f"run.precision=fp16 gives mixed precision with loss scaling")
+    if device_type == "cpu":
+        if not bf16_native:
+            return PrecisionChoice("fp32", "CPU has no native bf16 units (no avx512_bf16 / amx_bf16 / bf16 flag): "
+                                           "bf16 would be emulated and slower")
+        flags = " and ".join(bf16_native)
+        if bf16_speedup is None:
+            return PrecisionChoice("fp32", f"CPU has {flags} but the bf16 speed check did not run")
+        if bf16_speedup >= min_speedup:
+            return PrecisionChoice("bf16", f"CPU has {flags} and {speedup_of} ran {bf16_speedup:.2f}x as fast "
+                                           f"in bf16 as in fp32")
+        return PrecisionChoice("fp32", f"CPU has {flags} but {speedup_of} ran only {bf16_speedup:.2f}x as fast "
+                                       f"in bf16 as in fp32 (bf16 needs >= {min_speedup:.2f}x)")
+    return PrecisionChoice("fp32", f"auto chooses bf16 only on CUDA GPUs and CPUs with bf16 units, not on "
+                                   f"{device_type}; set run.precision explicitly")
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The CPU's native bf16 instruction-set flags: x86 ``avx512_bf16`` / ``amx_bf16``,
+    Arm ``bf16`` (read from ``/proc/cpuinfo``; empty where it cannot be read, or when the environment
+    sets ``MAEVIT_CPU_BF16=0``: then ``run.precision=auto`` stays fp32 on this CPU, as the tests do)."""
+    if cpuinfo is None:
+        if os.environ.get("MAEVIT_CPU_BF16", "").strip() == "0":
+            return []
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    wanted = ("avx512_bf16", "amx_bf16") if platform.machine().lower() in ("x86_64", "amd64", "i686") \
+        else ("bf16", "avx512_bf16", "amx_bf16")
+    return [f for f in wanted if f in flags]
+
+
+def recorded_precision(run_dir: str | os.PathLike) -> str | None:
+    """The precision saved in a run's latest checkpoint (``trainer_state.json``), if any."""
+    from maevit.train import runs
+
+    ckpt = runs.RunDir(run_dir).latest_checkpoint()
+    if ckpt is None:
+        return None
+    try:
+        value = json.loads((Path(ckpt) / runs.STATE_FILE).read_text()).get("precision")
+    except (OSError, ValueError):
+        return None
+    return value if value in PRECISIONS[1:] else None
+
+
+def bf16_speedup(model: nn.Module, img_shape: tuple[int, int, int], *, batch_size: int = 8, reps: int = 3,
+                 budget_s: float = 3.0) -> float:
+    """How much faster ``model``'s forward + backward runs under CPU bf16 autocast than in fp32.
+
+    Runs on copies of the weights, with the global RNG restored afterwards; fp32 and bf16
+    steps alternate after one warm-up step each; the ratio of the median step times. Stops
+    early once ``budget_s`` is spent (at least one timed step each).
+
+    Args:
+        model: returns an object with ``.loss`` (an MAE) or a tensor (then its mean is the loss).
+        img_shape: ``(C, H, W)``.
+    """
+    from torch.func import functional_call
+
+    tensors = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in model.named_parameters()}
+    tensors.update({k: v.detach().clone() for k, v in model.named_buffers()})
+
+    def step(bf16: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = functional_call(model, tensors, (imgs,), strict=False)
+        loss = out.loss if hasattr(out, "loss") else out.float().mean()
+        loss.backward()
+        for t in tensors.values():
+            t.grad = None
+        return time.perf_counter() - t0
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.random.fork_rng(devices=[]):
+        imgs = torch.randn(batch_size, *img_shape)
+        step(False), step(True)
+        end = time.perf_counter() + budget_s
+        for r in range(reps):
+            for bf16 in (False, True) if r % 2 == 0 else (True, False):
+                times[bf16].append(step(bf16))
+            if time.perf_counter() > end:
+                break
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return med[False] / med[True]
+
+
+def _gather_choice(device: torch.device, speed_check: Callable[[], float] | None) -> PrecisionChoice:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch
+            native = torch.cuda.is_bf16_supported()
+        return choose_precision("cuda", bf16_supported=native, device_name=name)
+    if device.type == "cpu":
+        flags = cpu_bf16_flags()
+        speedup, what = None, "the training step"
+        if flags and speed_check is not None:
+            speedup = speed_check()
+        elif flags:
+            rates = cpu_matmul_tflops(("fp32", "bf16"))
+            speedup, what = rates["bf16"] / rates["fp32"], "a 1024 x 1024 matmul"
+        return choose_precision("cpu", bf16_supported=bool(flags), bf16_native=flags, bf16_speedup=speedup,
+                                speedup_of=what)
+    return choose_precision(device.type, bf16_supported=False)
+
+
+def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, *, fresh: bool = False,
+                      device: torch.device | str | None = None,
+                      speed_check: Callable[[], float] | None = None) -> PrecisionChoice:
+    """Resolve ``run.precision`` (``auto`` or explicit) for this process's device.
+
+    ``auto`` is decided once per run: a resumed run keeps the precision its checkpoint
+    records (so resume stays exact), and with several processes the main process decides
+    and the others follow (they would otherwise time the bf16 check differently).
+
+    Args:
+        requested: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        run_dir: the run directory (for the recorded choice); ``fresh``: ignore it.
+        device: default: the device Accelerate assigns to this process.
+        speed_check: CPU with bf16 units: returns the bf16 / fp32 speed ratio of the real
+            training step (e.g. :func:`bf16_speedup` of a throwaway model); called only when
+            needed. Without it, the ratio of a bf16 to an fp32 matmul decides.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"run.precision={requested!r}: expected one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return PrecisionChoice(requested, "set by run.precision")
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # the process state the Accelerator will share (with the CPU flag it would read itself)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = torch.device(device) if device is not None else state.device
+    choice = None
+    if state.is_main_process:
+        old = recorded_precision(run_dir) if run_dir is not None and not fresh else None
+        if old is not None:
+            choice = PrecisionChoice(old, "recorded in the checkpoint being resumed")
+        else:
+            choice = _gather_choice(device, speed_check)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [choice]
+        broadcast_object_list(box, from_process=0)
+        choice = box[0]
+    return choice
+
+
+# ----------------------------------------------------------------------------- compile
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
+    """Regional compilation: ``torch.compile`` each repeated block in place.
+
+    A "block" is a child of an ``nn.Sequential`` / ``nn.ModuleList`` whose class repeats:
+    some such container holds two or more children, all of that class (the transformer
+    blocks of a plain ViT's encoder; the blocks or stages of other families). Every child
+    of that class in any such container is compiled, so a one-block decoder is too.
+    Blocks of one shape share one compiled graph, so compiling is quick, and the masking /
+    gather code around them stays eager. Parameter names do not change.
+
+    Returns:
+        How many modules were compiled.
+    """
+    containers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]
+    repeated = set()
+    for _, c in containers:
+        kinds = {type(k) for k in c.children()}
+        if len(c) >= 2 and len(kinds) == 1 and not issubclass(next(iter(kinds)), (nn.Sequential, nn.ModuleList)):
+            repeated |= kinds
+    found = {f"{name}.{child}" if name else child: k for name, c in containers
+             for child, k in c.named_children() if type(k) in repeated}
+    # the innermost repeated units: a stage made of repeated blocks is left to its blocks
+    blocks = [k for name, k in found.items() if not any(o.startswith(name + ".") for o in found)]
+    for k in blocks:
+        k.compile(**compile_kwargs)
+    return len(blocks)
