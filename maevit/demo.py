@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             "loss": losses[-1] if losses else float("nan"), "train": pcfg.data.train,
             "train_images": resolve_source(pcfg.data.train).num_samples, "val": pcfg.run.probe_val or "-",
             "val_images": resolve_source(pcfg.run.probe_val).num_samples if pcfg.run.probe_val else 0,
+            "precision": result.get("precision", "fp32"),
         })
     pt = demo.stages["pretrain"]
     if "arch" not in demo.stages:
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"model.patch_size={arch['patch_size']}",
                  "model.args={embed_dim: %d, depth: %d, num_heads: %d}" % (
                      arch["embed_dim"], arch["depth"], arch["num_heads"]),
-                 f"data.mean={list(pcfg.data.mean)}", f"data.std={list(pcfg.data.std)}"]
+                 f"data.mean={list(pcfg.data.mean)}", f"data.std={list(pcfg.data.std)}",
+                 f"run.precision={pt.get('precision', 'fp32')}"]  # both fine-tunes at the pretraining's precision
     frac = fbase.data.label_fraction or 1.0
     for tag in tags:
         # all labels: the same number of optimizer steps as at the recipe's fraction (fewer epochs)

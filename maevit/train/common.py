@@ -91,10 +91,15 @@ def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.Pat
     """An ``Accelerator`` for one run: precision (resolved: fp32 / bf16 / fp16), accumulation,
     TensorBoard under ``run_dir`` when available."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import is_tensorboard_available
 
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    if earlier is not None and earlier != mixed:  # an earlier run in this process (maevit demo, a notebook)
+        AcceleratorState._reset_state()  # the process group (PartialState) stays
     return Accelerator(
-        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+        mixed_precision=mixed,
         gradient_accumulation_steps=accum_steps,
         log_with="tensorboard" if run_dir is not None and is_tensorboard_available() else None,
         project_dir=None if run_dir is None else str(run_dir),

@@ -172,25 +172,28 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         ``losses`` are this call's per-step training losses (rank-mean), ``top1`` / ``top5``
         the last evaluation (None without ``data.val``).
     """
-    from accelerate.utils import set_seed
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env, set_seed
     from timm.utils import ModelEmaV3
 
     d, o, m = cfg.data, cfg.optim, cfg.model
     if not d.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
-    precision = resolve_run_precision(cfg.run)  # auto: bf16 where native and faster (CPU: a matmul check)
-    acc = make_accelerator(precision, o.accum_steps, cfg.run.dir)
+    ranks = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # the processes the Accelerator will share
     set_seed(cfg.run.seed)  # same init on every rank; numpy / random for Mixup too
     common = dict(img_size=m.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),
                   seed=cfg.run.seed, mean=d.mean, std=d.std, max_pixels=d.max_pixels)
-    train_loader = labeled_for_rank(d.train, acc, train=True, label_fraction=d.label_fraction,
+    train_loader = labeled_for_rank(d.train, ranks, train=True, label_fraction=d.label_fraction,
                                     label_seed=d.label_seed, auto_augment=d.auto_augment, re_prob=d.re_prob, **common)
-    val_loader = labeled_for_rank(d.val, acc, train=False, **common) if d.val else None
+    val_loader = labeled_for_rank(d.val, ranks, train=False, **common) if d.val else None
     num_classes = num_classes_of(m.num_classes, train_loader)
     class_names = list(getattr(train_loader, "class_names", None) or [])
     with building_model():
         model = create_classifier(m.name, num_classes, pretrained=m.pretrained, global_pool=m.global_pool,
                                   strict=m.strict, **m.overrides())
+    precision = resolve_run_precision(  # auto: bf16 where native and this model's step is faster (global RNG kept)
+        cfg.run, speed_check=lambda: throughput.bf16_speedup(model, (3, *model.img_size)))
+    acc = make_accelerator(precision, o.accum_steps, cfg.run.dir)
     check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     start_trackers(acc, cfg)

@@ -331,7 +331,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     return {**summary, **knn, "step": step, "epoch": epoch, "nonfinite_steps": int(guard.bad_total.item()),
             "skipped": skipped,
             "resumed_from": str(ckpt) if ckpt else None, "run_dir": str(run.root), "encoder": str(encoder_path),
-            "last_checkpoint": saved_at, "num_processes": acc.num_processes,
+            "last_checkpoint": saved_at, "num_processes": acc.num_processes, "precision": precision,
             "curves": str(run.root / "curves.png") if (run.root / "curves.png").is_file() else None}
 
 
