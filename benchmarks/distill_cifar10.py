@@ -98,7 +98,7 @@ def main() -> None:
             f"data.mean={list(MEAN)}", f"data.std={list(STD)}",
             f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
             f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=0",
-            "run.progress=false", "run.keep_last=1",
+            "run.progress=false", "run.keep_last=1", "run.precision=fp32",
         ]))
         save("pretrain", dict(loss=res.get("loss"), minutes=round((time.time() - t) / 60, 1),
                               images_per_sec=res.get("images_per_sec")))
@@ -111,6 +111,7 @@ def main() -> None:
             "data.mixup=0.8", "data.cutmix=1.0", "data.smoothing=0.1", "data.re_prob=0.25",
             f"optim.epochs={epochs}", "optim.warmup_epochs=2", "optim.weight_decay=0.05",
             f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20", "run.progress=false",
+            "run.precision=fp32",  # every run alike (auto could differ between runs with the timing check)
         ]
 
     def record(name: str, res: dict, t: float) -> None:

@@ -120,7 +120,7 @@ def main() -> None:
             f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
             f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
             f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
-            "run.progress=false", "run.keep_last=1",
+            "run.progress=false", "run.keep_last=1", "run.precision=fp32",
             *([f"run.probe_every={a.probe_every}", f"run.probe_train={train}", f"run.probe_val={test}"]
               if a.probe_every else []),
         ])
@@ -147,7 +147,7 @@ def main() -> None:
             # lower blocks of learning rate, so scratch runs use 1.0 (as DeiT does); all else is equal
             f"optim.epochs={epochs}", "optim.base_lr=1.0e-3", f"optim.layer_decay={0.75 if pretrained else 1.0}",
             "optim.warmup_epochs=2", "optim.weight_decay=0.05",
-            f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20",
+            f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20", "run.precision=fp32",
         ]
         res = finetune(load_config(FinetuneConfig, None, ov))
         save(name, dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
@@ -159,6 +159,7 @@ def main() -> None:
                 *([f"model.pretrained={src}", f"model.img_size={a.img_size}"] if src else arch),
                 f"data.train={train}", f"data.val={test}", "data.batch_size=256", f"data.num_workers={a.workers}",
                 f"optim.epochs={a.probe_epochs}", "optim.warmup_epochs=5", f"run.dir={out / ('probe_' + enc_name)}",
+                "run.precision=fp32",
             ]))
             save(f"probe_{enc_name}", dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
         for pool in ("token", "avg"):
