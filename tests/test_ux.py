@@ -20,17 +20,9 @@ from maevit.config import config_keys, load_config, to_dict
 from maevit.train import runs
 from maevit.train.common import clip_warmup, describe_data, plan_schedule, resolve_num_workers
 from maevit.train.pretrain import PretrainConfig, train
+from tiny_runs import TINY_PRETRAIN as TINY
 
 REPO = Path(__file__).resolve().parents[1]
-
-# 32 px, 8 px patches, width 32, one block each side: a step takes milliseconds
-TINY = [
-    "model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
-    "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
-    "model.decoder_num_heads=2", "data.train=bundled:train", "data.batch_size=8", "data.num_workers=0",
-    "data.shuffle_buffer=64", "optim.epochs=1", "optim.warmup_epochs=0.05", "optim.base_lr=1.0e-3",
-    "run.progress=false", "run.viz_every=0",
-]
 FT = ["model.img_size=32", "data.train=bundled:train", "data.val=null", "data.batch_size=8", "data.num_workers=0",
       "data.mixup=0", "data.cutmix=0", "optim.epochs=1", "optim.warmup_epochs=0", "run.progress=false"]
 

@@ -76,6 +76,14 @@ def _cpu_attention_flops() -> dict[Any, Any]:
     return out
 
 
+def _scalar_loss(out: Any) -> torch.Tensor:
+    """A scalar to backpropagate: an MAE's ``.loss``, else the mean of the logits (a tuple of them
+    for a DeiT in distilled training: class and distillation heads)."""
+    if hasattr(out, "loss"):
+        return out.loss
+    return sum(o.float().mean() for o in (out if isinstance(out, (tuple, list)) else (out,)))
+
+
 def _count(model: nn.Module, tensors: dict[str, torch.Tensor], imgs: torch.Tensor,
            mask_ratio: float | None) -> tuple[int, int]:
     from torch.func import functional_call
@@ -85,8 +93,7 @@ def _count(model: nn.Module, tensors: dict[str, torch.Tensor], imgs: torch.Tenso
     mapping = _cpu_attention_flops()
     with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
         out = functional_call(model, tensors, (imgs,), kwargs, strict=False)
-        outs = out if isinstance(out, (tuple, list)) else (out,)  # DeiT training: (class, distillation) logits
-        loss = out.loss if hasattr(out, "loss") else sum(o.float().mean() for o in outs)
+        loss = _scalar_loss(out)
     with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
         loss.backward()
     return fwd.get_total_flops(), bwd.get_total_flops()
@@ -438,7 +445,7 @@ def bf16_speedup(model: nn.Module, img_shape: tuple[int, int, int], *, batch_siz
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = functional_call(model, tensors, (imgs,), strict=False)
-        loss = out.loss if hasattr(out, "loss") else out.float().mean()
+        loss = _scalar_loss(out)
         loss.backward()
         for t in tensors.values():
             t.grad = None
