@@ -53,7 +53,7 @@ from maevit import create_mae
 from maevit.models.pos_embed import sincos_2d
 from maevit.models.hf_vitmae import hf_vitmae_config, to_hf_vitmae_keys
 from maevit.train.optim import build_adamw
-from maevit.train.throughput import compile_blocks, count_train_flops, matmul_tflops, peak_tflops
+from maevit.train.perf import compile_blocks, count_train_flops, matmul_tflops, peak_tflops
 
 SIZES = {"tiny": "mae_vit_tiny_patch16", "small": "mae_vit_small_patch16", "base": "mae_vit_base_patch16",
          "large": "mae_vit_large_patch16", "huge": "mae_vit_huge_patch14"}

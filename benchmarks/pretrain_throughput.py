@@ -21,7 +21,7 @@ import torch
 
 from maevit.config import load_config
 from maevit.models import create_mae
-from maevit.train import runs, throughput
+from maevit.train import precision as throughput, runs
 from maevit.train.optim import build_adamw
 from maevit.train.pretrain import PretrainConfig, train
 

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from maevit.models import create_classifier, export_encoder, read_header
     from maevit.models.weights import timm_load_line
-    from maevit.train.common import usage_errors
+    from maevit.train.command import usage_errors
 
     from maevit.config import ConfigError, parse_overrides
 

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from maevit.data.stream import pretrain_loader, resolve_source
     from maevit.models import create_mae, read_header
-    from maevit.train.common import setup_logging, usage_errors
+    from maevit.train.command import setup_logging, usage_errors
 
     setup_logging()
     try:

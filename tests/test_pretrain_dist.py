@@ -111,7 +111,7 @@ def _worker(shards: str, run_dir: str) -> int:
 
     # run.precision=auto: the ranks would decide differently (rank 1 "measures" bf16 as faster); the
     # main process's choice (fp32, so the test stays in fp32) must reach every rank
-    from maevit.train import throughput
+    from maevit.train import precision as throughput
 
     real_resolve, choices = throughput.resolve_precision, []
     throughput._gather_choice = lambda device, speed_check: throughput.PrecisionChoice(

@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from maevit import create_mae
-from maevit.train import runs, throughput
-from maevit.train.throughput import (
-    PrecisionChoice,
-    ThroughputMeter,
-    choose_precision,
-    compile_blocks,
-    count_train_flops,
-    cpu_bf16_flags,
-    gpu_peak_tflops,
-    resolve_precision,
-)
+from maevit.train import perf, precision, runs
+from maevit.train.perf import ThroughputMeter, compile_blocks, count_train_flops, gpu_peak_tflops
+from maevit.train.precision import PrecisionChoice, choose_precision, cpu_bf16_flags, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,10 +87,10 @@ def test_gpu_peak_table():
 
 
 def test_cpu_matmul_peak_is_measured_and_cached():
-    first = throughput.cpu_matmul_tflops(("fp32",), n=256, budget_s=0.05)["fp32"]
+    first = perf.cpu_matmul_tflops(("fp32",), n=256, budget_s=0.05)["fp32"]
     assert 1e-4 < first < 100  # TFLOP/s: any CPU
-    assert throughput.cpu_matmul_tflops(("fp32",), n=256, budget_s=0.05)["fp32"] == first  # cached
-    peak, source = throughput.peak_tflops("cpu", "fp32")
+    assert perf.cpu_matmul_tflops(("fp32",), n=256, budget_s=0.05)["fp32"] == first  # cached
+    peak, source = perf.peak_tflops("cpu", "fp32")
     assert peak > 0 and "measured" in source
 
 
@@ -152,22 +144,22 @@ def test_precision_choice_is_a_pure_function_of_the_facts():
 
 
 def test_cpu_bf16_flags_from_cpuinfo(monkeypatch):
-    monkeypatch.setattr(throughput.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     assert cpu_bf16_flags("flags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 amx_tile\n") == ["avx512_bf16"]
     assert cpu_bf16_flags("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile avx512_bf16\n") == ["avx512_bf16", "amx_bf16"]
     assert cpu_bf16_flags("flags\t\t: fpu avx2 avx512f avx512bw\n") == []
-    monkeypatch.setattr(throughput.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")
     assert cpu_bf16_flags("Features\t: fp asimd sve bf16 i8mm\n") == ["bf16"]
 
 
 def test_auto_precision_is_fp32_where_bf16_is_not_native(monkeypatch, tmp_path):
     called = []
-    monkeypatch.setattr(throughput, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
     choice = resolve_precision("auto", tmp_path, device="cpu", speed_check=lambda: called.append(1) or 9.0)
     assert choice.precision == "fp32" and "no native bf16" in choice.reason
     assert not called  # no point timing emulated bf16
     # native units: the measured step decides
-    monkeypatch.setattr(throughput, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
     assert resolve_precision("auto", tmp_path, device="cpu", speed_check=lambda: 1.5).precision == "bf16"
     assert resolve_precision("auto", tmp_path, device="cpu", speed_check=lambda: 0.8).precision == "fp32"
     # explicit choices pass through untouched
@@ -182,7 +174,7 @@ def test_auto_precision_sticks_to_the_resumed_runs_choice(monkeypatch, tmp_path)
     ckpt.mkdir(parents=True)
     (ckpt / runs.STATE_FILE).write_text('{"step": 4, "precision": "bf16"}')
     (tmp_path / "checkpoints" / runs.LATEST_FILE).write_text("step-00000004\n")
-    monkeypatch.setattr(throughput, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
     assert runs.RunDir(tmp_path).latest_checkpoint() == ckpt
     choice = resolve_precision("auto", tmp_path, device="cpu")
     assert choice.precision == "bf16" and "resumed" in choice.reason
@@ -194,7 +186,7 @@ def test_bf16_speedup_runs_on_copies():
                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     before = {k: v.clone() for k, v in mae.state_dict().items()}
     rng = torch.random.get_rng_state()
-    ratio = throughput.bf16_speedup(mae, (3, 32, 32), batch_size=2, reps=1)
+    ratio = precision.bf16_speedup(mae, (3, 32, 32), batch_size=2, reps=1)
     assert math.isfinite(ratio) and ratio > 0
     assert torch.equal(rng, torch.random.get_rng_state())
     assert all(torch.equal(before[k], v) for k, v in mae.state_dict().items())
@@ -410,7 +402,7 @@ def test_pretrain_with_device_decode(tmp_path):
 
 def test_finetune_and_probe_accept_auto(monkeypatch, tmp_path):
     from maevit.config import load_config
-    from maevit.train.common import resolve_run_precision
+    from maevit.train.precision import resolve_run_precision
     from maevit.train.finetune import FinetuneConfig
     from maevit.train.probe import ProbeConfig
 
@@ -419,7 +411,7 @@ def test_finetune_and_probe_accept_auto(monkeypatch, tmp_path):
     assert probe_cfg.run.precision == "auto"
     if torch.cuda.is_available():
         pytest.skip("Accelerate would pick the GPU")
-    monkeypatch.setattr(throughput, "cpu_bf16_flags", lambda: [])  # a CPU without bf16 units
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])  # a CPU without bf16 units
     assert resolve_run_precision(probe_cfg.run) == "fp32"
 
 

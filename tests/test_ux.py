@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from maevit.cli import main as cli
 from maevit.config import config_keys, load_config, to_dict
 from maevit.train import runs
-from maevit.train.common import clip_warmup, describe_data, plan_schedule, resolve_num_workers
+from maevit.train.inputs import describe_data, resolve_num_workers
+from maevit.train.schedule import clip_warmup, plan_schedule
 from maevit.train.pretrain import PretrainConfig, train
 from tiny_runs import TINY_PRETRAIN as TINY
 
@@ -187,14 +188,15 @@ def test_max_steps_inside_the_warmup_warns_with_the_lr_reached(caplog):
     assert not caplog.text  # the peak is reached: nothing to say
 
 
-def test_probe_warmup_longer_than_the_probe_is_clipped(caplog):
-    from maevit.train.probe import train_linear_head
+def test_probe_warmup_longer_than_the_probe_is_clipped(caplog, tmp_path):
+    from maevit.train.probe import main_probe
 
     caplog.set_level(logging.WARNING, logger="maevit")
-    head = torch.nn.Linear(4, 2)
-    x, y = torch.randn(8, 4), torch.tensor([0, 1] * 4)
-    train_linear_head(head, lambda epoch: [(x, y)], epochs=3, steps_per_epoch=1, lr=0.1, warmup_epochs=10)
-    assert "warm-up clipped to 1 steps" in caplog.text
+    assert main_probe(["model.name=mae_vit_tiny_patch16", "model.img_size=32",
+                       "model.args={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}", "data.train=bundled:val",
+                       "data.num_workers=0", "data.batch_size=64", "optim.epochs=3", "optim.warmup_epochs=10",
+                       f"run.dir={tmp_path / 'probe'}"]) == 0
+    assert "warm-up clipped to 2 steps" in caplog.text  # 3 epochs x 7 steps: a tenth
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

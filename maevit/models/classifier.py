@@ -20,12 +20,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .contract import EXTRA_HEAD_PARAMS
 from .registry import ModelArgumentError, create_encoder
 from .weights import load_encoder_weights, read_header
 
-# may be new in a classifier built from an encoder: the heads, fc_norm, and DeiT's distillation token
-# when the file has a class token only (maevit.models.deit)
-HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.", "dist_token")
+# may be new in a classifier built from an encoder: the head and fc_norm (and the parameters of a
+# family's extra heads, maevit.models.contract.ExtraHeads.fresh)
+HEAD_PREFIXES = ("head.", "fc_norm.")
 # an encoder's final norm, which a classifier with average pooling replaces by a fresh fc_norm (as published)
 REPLACED_PREFIXES = ("norm.",)
 TIMM_PREFIX = "timm:"  # create_classifier("timm:resnet18", ...): any timm classifier, e.g. a CNN teacher
@@ -93,7 +94,8 @@ def create_classifier(
     model.reset_classifier(num_classes, pool)
     model.load_report = None
     if pretrained is not None:
-        model.load_report = load_encoder_weights(model, pretrained, strict=strict, fresh=HEAD_PREFIXES,
+        fresh = HEAD_PREFIXES + tuple(sorted(EXTRA_HEAD_PARAMS))  # any family's: a file may have them
+        model.load_report = load_encoder_weights(model, pretrained, strict=strict, fresh=fresh,
                                                  ignore=REPLACED_PREFIXES)
         if verbose:
             print(model.load_report)

@@ -62,10 +62,19 @@ Methods
     ``timm_spec() -> (arch, kwargs) | None``
         a timm architecture whose ``create_model(arch, **kwargs)`` loads this
         encoder's (or classifier's) state dict strictly, where timm has one.
+
+Optional parts
+    ``extra_heads`` (:class:`ExtraHeads`)
+        heads besides ``head`` (DeiT's distillation head): their names in
+        evaluation, the parameters that are new when a classifier is built from
+        an encoder file, how they train (``set_distilled_training``) and how
+        they are evaluated (``forward_heads``). Code outside the family's own
+        file reaches them only through :func:`extra_heads`.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -76,6 +85,47 @@ ATTRIBUTES = ("in_chans", "img_size", "patch_size", "mask_unit", "grid_size", "n
               "visible_only", "build_args", "model_name", "num_classes")
 METHODS = ("forward_masked", "forward_features", "forward_head", "reset_classifier", "no_weight_decay",
            "group_matcher", "tokens_of", "checkpoint_filter", "timm_spec")
+
+
+@dataclass(frozen=True)
+class ExtraHeads:
+    """Optional contract part: a classifier's heads besides ``head`` (DeiT: the distillation head).
+
+    The model also implements ``forward_heads(features) -> tuple`` (each head's own logits, in
+    ``names`` order, in any mode) and ``set_distilled_training(on)`` (training then returns that
+    tuple, for a loss per head; otherwise ``forward_head`` averages the heads).
+
+    Attributes:
+        names: the heads in evaluation (``("cls", "dist")``).
+        fresh: parameter-name prefixes that may be new in a classifier built from an encoder file.
+        distill_tokens: prefix tokens that exist for these heads (a plain ViT loading such a file drops them).
+    """
+
+    names: tuple[str, ...]
+    fresh: tuple[str, ...] = ()
+    distill_tokens: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # known to the weight loading of families without them (a DeiT file into a plain ViT)
+        EXTRA_HEAD_TOKENS.update(self.distill_tokens)
+        EXTRA_HEAD_PARAMS.update(self.fresh)
+
+    def set_training(self, model: nn.Module, on: bool) -> None:
+        """Training returns each head's logits (``on``), or their average (timm's default)."""
+        model.set_distilled_training(on)
+
+    def logits(self, model: nn.Module, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: logits}`` of every head from ``forward_features`` output."""
+        return dict(zip(self.names, model.forward_heads(features)))
+
+
+EXTRA_HEAD_TOKENS: set[str] = set()  # prefix tokens of every family's extra heads (filled as families load)
+EXTRA_HEAD_PARAMS: set[str] = set()  # their parameter-name prefixes
+
+
+def extra_heads(model: nn.Module) -> ExtraHeads | None:
+    """The model's :class:`ExtraHeads`, or None for a classifier with one head."""
+    return getattr(model, "extra_heads", None)
 
 
 class ContractError(AssertionError):

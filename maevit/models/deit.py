@@ -44,6 +44,7 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
+from .contract import ExtraHeads
 from .registry import DECODER_BASE, DECODER_SMALL, build_encoder, register_model
 from .vit import VIT_SIZES, ViTEncoder
 
@@ -64,6 +65,10 @@ class DeiTEncoder(ViTEncoder, VisionTransformerDistilled):
     by token; ``global_pool='avg'`` (the plain-ViT fine-tuning default) is taken
     as ``'token'`` and the pretrained final norm is kept.
     """
+
+    # the contract's optional extra heads (maevit.models.contract.ExtraHeads): what the rest of the
+    # toolkit knows of the distillation head, without naming it
+    extra_heads = ExtraHeads(names=("cls", "dist"), fresh=("head_dist.", "dist_token"), distill_tokens=("dist_token",))
 
     def __init__(self, pos_encoding: str = "sincos", **kwargs) -> None:
         if pos_encoding not in ("sincos", "learn"):

@@ -37,7 +37,7 @@ from timm.models.twins import PosConv
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .contract import EncoderMixin
+from .contract import EXTRA_HEAD_TOKENS, EncoderMixin
 from .mae import init_mae_weights
 from .masking import Mask, gather_tokens, scatter_tokens
 from .patch import grid_shape, to_2tuple_size
@@ -324,10 +324,13 @@ class ViTEncoder(EncoderMixin, VisionTransformer):
 
         out = dict(state_dict)
         n = self.num_prefix_tokens
-        # prefix tokens in the file: the class token, and DeiT's distillation token when present
-        n_src = ("cls_token" in out) + ("dist_token" in out) if "cls_token" in out else n
+        # prefix tokens in the file: the class token, and the tokens of a family's extra heads when present
+        # (a DeiT file's distillation token; maevit.models.contract.ExtraHeads.distill_tokens)
+        extra = sorted(k for k in EXTRA_HEAD_TOKENS if k in out)
+        n_src = ("cls_token" in out) + len(extra) if "cls_token" in out else n
         if n == 1:
-            out.pop("dist_token", None)  # a distilled DeiT file into a plain ViT: the class token is kept
+            for k in extra:  # a file with extra heads into a plain ViT: the class token is kept
+                out.pop(k)
         pe = out.get("pos_embed")
         if pe is not None and self.pos_embed is not None and pe.shape != self.pos_embed.shape:
             out["pos_embed"] = adapt_pos_embed(pe, n_src, n, self.grid_size)

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from maevit.models.contract import extra_heads
+
 
 @dataclass
 class ClassificationResult:
@@ -75,16 +77,14 @@ def count_predictions(logits: torch.Tensor, labels: torch.Tensor, num_classes: i
     return conf.view(num_classes, num_classes), (top == labels[:, None]).any(-1).sum()
 
 
-HEADS = ("cls", "dist")  # the heads of a two-head classifier (DeiT: class and distillation token)
-
-
 def classifier_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model's logits, and each head's own for two-head classifiers (a model with
-    ``forward_heads``: DeiT's class and distillation heads), from one forward of the trunk."""
-    if not hasattr(model, "forward_heads"):
+    """The model's logits, and each head's own for classifiers with extra heads
+    (:class:`~maevit.models.contract.ExtraHeads`, e.g. DeiT's), from one forward of the trunk."""
+    heads = extra_heads(model)
+    if heads is None:
         return model(images), {}
     features = model.forward_features(images)
-    return model.forward_head(features), dict(zip(HEADS, model.forward_heads(features)))
+    return model.forward_head(features), heads.logits(model, features)
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def evaluate_classifier(
     top5 = torch.zeros((), dtype=torch.long, device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     # per-head hits exist on every rank (even one without batches), so the reduction below matches up
-    heads = {h: torch.zeros((), dtype=torch.long, device=device) for h in HEADS if hasattr(model, "forward_heads")}
+    heads = {h: torch.zeros((), dtype=torch.long, device=device) for h in getattr(extra_heads(model), "names", ())}
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
@@ -253,10 +253,10 @@ def main_eval(argv: list[str] | None = None) -> int:
     import math
     import sys
 
-    from maevit.train.common import (
-        building_model, labeled_for_rank, make_accelerator, progress_bar, resolve_num_workers, setup_logging,
-        usage_errors,
-    )
+    from maevit.train.command import building_model, setup_logging, usage_errors
+    from maevit.train.inputs import labeled_for_rank, resolve_num_workers
+    from maevit.train.precision import make_accelerator
+    from maevit.train.progress import progress_bar
 
     p = argparse.ArgumentParser(prog="maevit eval", description=main_eval.__doc__)
     p.add_argument("checkpoint", help="fine-tuning RUN_DIR or a classifier .safetensors")

@@ -10,10 +10,8 @@ and which timm loads strictly where the family has a timm twin.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,17 +23,20 @@ from maevit.config import ConfigError
 from maevit.data.transforms import DEFAULT_MAX_PIXELS
 from maevit.models import create_classifier
 from maevit.models.weights import header_of, save_weights, timm_load_line
-from maevit.train import runs, throughput
-from maevit.train.common import (
-    IMAGENET_MEAN, IMAGENET_STD, RunBase, StepGuard, TrainingInterrupted, batches_from, building_model,
-    check_resumable, describe_data, labeled_for_rank, log_memory_estimate, make_accelerator, num_classes_of,
-    plan_schedule, progress_bar,
-    report_progress, resolve_num_workers, resolve_run_precision, run_recipe_command, start_trackers, stop_requested,
-)
+from maevit.models.contract import extra_heads
+from maevit.train import runs
+from maevit.train.command import building_model, run_recipe_command
 from maevit.train.curves import FINETUNE_PANELS, save_run_curves
-from maevit.train.distill import DistillConfig, build_teacher
+from maevit.train.distill import DistillConfig, build_teacher, distillation_loss
+from maevit.train.engine import EmaHook, Hook, Loop, Setup, Task, fit, summary_fields
 from maevit.train.evaluate import evaluate_classifier
+from maevit.train.inputs import describe_data, labeled_for_rank, num_classes_of, resolve_num_workers
+from maevit.train.memory import log_memory_estimate
 from maevit.train.optim import build_adamw, param_groups_layer_decay
+from maevit.train.perf import meter_for
+from maevit.train.precision import bf16_speedup, make_accelerator, resolve_run_precision
+from maevit.train.schedule import plan_for
+from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, RunBase
 
 logger = logging.getLogger("maevit.finetune")
 
@@ -149,19 +150,139 @@ def export_classifier(model: nn.Module, path: str | Path, header: dict[str, Any]
     return save_weights(model.state_dict(), path, header)
 
 
-def _ema_path(run: runs.RunDir, step: int) -> Path:
-    # EMA weights beside the checkpoint as safetensors: Accelerate's register_for_checkpointing
-    # would pickle them (and unpickle with weights_only=False on resume)
-    return run.checkpoints_dir / f"ema-{step:08d}.safetensors"
+class FinetuneTask(Task):
+    """Fine-tuning on the loop: cross-entropy with mixup / cutmix and label smoothing (plus a teacher's
+    term when ``distill.teacher`` is set); evaluation at epoch ends and EMA as hooks; the classifier
+    file as the result."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.cfg = cfg
+
+    def build(self):
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env, set_seed
+
+        cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
+        if not d.train:
+            raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
+        ranks = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # the processes the Accelerator shares
+        set_seed(cfg.run.seed)  # same init on every rank; numpy / random for Mixup too
+        common = dict(img_size=m.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),
+                      seed=cfg.run.seed, mean=d.mean, std=d.std, max_pixels=d.max_pixels)
+        self.loader = labeled_for_rank(d.train, ranks, train=True, label_fraction=d.label_fraction,
+                                       label_seed=d.label_seed, auto_augment=d.auto_augment, re_prob=d.re_prob,
+                                       **common)
+        self.val_loader = labeled_for_rank(d.val, ranks, train=False, **common) if d.val else None
+        self.num_classes = num_classes_of(m.num_classes, self.loader)
+        self.class_names = list(getattr(self.loader, "class_names", None) or [])
+        with building_model():
+            model = self.model = create_classifier(m.name, self.num_classes, pretrained=m.pretrained,
+                                                   global_pool=m.global_pool, strict=m.strict, **m.overrides())
+        self.precision = resolve_run_precision(  # auto: bf16 where native and faster for this model (RNG kept)
+            cfg.run, speed_check=lambda: bf16_speedup(model, (3, *model.img_size)))
+        self.acc = make_accelerator(self.precision, cfg.optim.accum_steps, cfg.run.dir)
+        return self.acc, model
+
+    def start(self, run: runs.RunDir) -> Setup:
+        from timm.utils import ModelEmaV3
+
+        cfg, acc, model, d, o = self.cfg, self.acc, self.model, self.cfg.data, self.cfg.optim
+        logger.info("%s", model.load_report or f"model.pretrained is not set: training {model.model_name} from scratch")
+        logger.info("%s", describe_data(self.loader, d.batch_size, acc.num_processes, d.label_fraction, d.label_seed))
+        self.teacher = None  # frozen, outside the optimizer, the checkpoints and prepare: rebuilt on resume
+        if cfg.distill.enabled:
+            self.teacher = build_teacher(cfg.distill, num_classes=self.num_classes, student_mean=d.mean,
+                                         student_std=d.std, device=acc.device)
+            heads = extra_heads(model)  # DeiT: training returns (class, distillation) logits
+            if heads:
+                heads.set_training(model, True)
+            logger.info("distilling from %s: %s, alpha %g%s", self.teacher.source, cfg.distill.type,
+                        cfg.distill.alpha, "" if heads else " (one head: classic knowledge distillation)")
+        sched, eff_batch = plan_for(o, self.loader, d.batch_size, acc.num_processes)
+        if acc.is_main_process:
+            log_memory_estimate(acc, model, (d.batch_size, model.in_chans, *model.img_size), self.precision)
+        model.to(acc.device)
+        meter = meter_for(  # FLOPs per image, peak, MFU
+            model, (3, *model.img_size), acc.device, self.precision, num_processes=acc.num_processes,
+            log=acc.is_main_process)
+        optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay), sched.peak_lr,
+                                o.weight_decay, betas=(0.9, 0.999))
+        ema = ModelEmaV3(model, decay=cfg.run.ema) if cfg.run.ema else None
+        model, optimizer = acc.prepare(model, optimizer)
+        self.model = model.train()
+        self.mixup_fn, self.criterion = build_criterion(d, self.num_classes)
+        header = classifier_header(acc.unwrap_model(model), self.class_names, d.mean, d.std)
+        self.ema = None if ema is None else EmaHook(ema, header)
+        self.evaluation = _Evaluation(self)
+        logger.info("fine-tuning %s: %d classes, effective batch %d, peak lr %.3g after %d warm-up steps, "
+                    "%d steps/epoch, %d steps%s", getattr(model, "model_name", cfg.model.name), self.num_classes,
+                    eff_batch, sched.peak_lr, sched.warmup_steps, sched.steps_per_epoch, sched.total_steps,
+                    f" (stopping at {sched.last_step})" if sched.last_step < sched.total_steps else "")
+        return Setup(acc=acc, run=run, model=model, optimizer=optimizer, loader=self.loader, schedule=sched,
+                     params=[p for p in model.parameters() if p.requires_grad], eff_batch=eff_batch, meter=meter,
+                     header=header, precision=self.precision, clip_grad=o.clip_grad, panels=FINETUNE_PANELS,
+                     hooks=[h for h in (self.ema, self.evaluation) if h is not None])
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        x, y = (t.to(self.acc.device, non_blocking=True) for t in batch)  # [B, C, H, W], [B]
+        if self.mixup_fn is not None:
+            x, y = self.mixup_fn(x, y)  # y: [B, num_classes] soft targets
+        with self.acc.autocast():  # the teacher, too, runs at the run's precision, on the same mixed images
+            out = self.model(x)
+            if self.teacher is None:
+                return {"loss": self.criterion(out, y)}
+            d = self.cfg.distill
+            parts = distillation_loss(out, y, self.teacher(x), self.criterion, kind=d.type, alpha=d.alpha, tau=d.tau)
+        return {"loss": parts.loss, "loss_label": parts.base, "loss_distill": parts.distill}
+
+    def advice(self) -> str:
+        return (f"Try a lower optim.base_lr (now {self.cfg.optim.base_lr}), optim.clip_grad=1.0, or "
+                f"run.precision=fp32; then resume from the last checkpoint in {self.cfg.run.dir}.")
+
+    def export(self, loop: Loop) -> dict[str, Any]:
+        acc, result = self.acc, self.evaluation.result
+        if self.val_loader is not None and result is None:  # stopped mid-epoch or resumed at the end
+            result, _ = self.evaluation.evaluate(loop, ema=False)
+        out_path = loop.run.root / CLASSIFIER_FILE
+        header = loop.s.header
+        if acc.is_main_process:
+            export_classifier(acc.unwrap_model(self.model), out_path, header)
+            if self.ema is not None:
+                export_classifier(self.ema.ema.module, loop.run.root / "classifier_ema.safetensors", header)
+            save_run_curves(loop.run.root, FINETUNE_PANELS)
+        return {
+            **summary_fields(loop), "loss": loop.losses[-1] if loop.losses else float("nan"), "losses": loop.losses,
+            "top1": result.top1 if result else None, "top5": result.top5 if result else None,
+            **({f"top1_{h}": v for h, v in result.head_top1.items()} if result else {}),
+            "classifier": str(out_path), "timm_line": timm_load_line(header, out_path),
+        }
 
 
-def _evaluate(acc, model, ema, val_loader, num_classes: int) -> tuple[Any, dict[str, float]]:
-    result = evaluate_classifier(acc.unwrap_model(model), val_loader, num_classes, accelerator=acc)
-    row = {f"val_{k}": v for k, v in result.summary().items()}
-    if ema is not None:
-        row.update({f"val_ema_{k}": v for k, v in
-                    evaluate_classifier(ema.module, val_loader, num_classes, accelerator=acc).summary().items()})
-    return result, row
+class _Evaluation(Hook):
+    """Validation on ``data.val`` every ``run.eval_every`` epochs (and of the EMA weights, when kept)."""
+
+    def __init__(self, task: FinetuneTask) -> None:
+        self.task, self.result = task, None
+
+    def evaluate(self, loop: Loop, ema: bool = True) -> tuple[Any, dict[str, float]]:
+        t = self.task
+        result = evaluate_classifier(loop.acc.unwrap_model(loop.model), t.val_loader, t.num_classes,
+                                     accelerator=loop.acc)
+        row = {f"val_{k}": v for k, v in result.summary().items()}
+        if ema and t.ema is not None:
+            row.update({f"val_ema_{k}": v for k, v in evaluate_classifier(
+                t.ema.ema.module, t.val_loader, t.num_classes, accelerator=loop.acc).summary().items()})
+        return result, row
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if self.task.val_loader is None:
+            return
+        if loop.epoch % self.task.cfg.run.eval_every == 0 or loop.step >= loop.s.schedule.last_step:
+            self.result, row = self.evaluate(loop)
+            loop.metrics.log(loop.step, epoch=loop.epoch, **row)
+            loop.acc.log({f"val/{k[4:]}": v for k, v in row.items()}, step=loop.step)
+            logger.info("epoch %d step %d: val top-1 %.2f%%  top-5 %.2f%%", loop.epoch, loop.step, self.result.top1,
+                        self.result.top5)
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -172,177 +293,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         ``losses`` are this call's per-step training losses (rank-mean), ``top1`` / ``top5``
         the last evaluation (None without ``data.val``).
     """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env, set_seed
-    from timm.utils import ModelEmaV3
-
-    d, o, m = cfg.data, cfg.optim, cfg.model
-    if not d.train:
-        raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
-    ranks = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # the processes the Accelerator will share
-    set_seed(cfg.run.seed)  # same init on every rank; numpy / random for Mixup too
-    common = dict(img_size=m.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),
-                  seed=cfg.run.seed, mean=d.mean, std=d.std, max_pixels=d.max_pixels)
-    train_loader = labeled_for_rank(d.train, ranks, train=True, label_fraction=d.label_fraction,
-                                    label_seed=d.label_seed, auto_augment=d.auto_augment, re_prob=d.re_prob, **common)
-    val_loader = labeled_for_rank(d.val, ranks, train=False, **common) if d.val else None
-    num_classes = num_classes_of(m.num_classes, train_loader)
-    class_names = list(getattr(train_loader, "class_names", None) or [])
-    with building_model():
-        model = create_classifier(m.name, num_classes, pretrained=m.pretrained, global_pool=m.global_pool,
-                                  strict=m.strict, **m.overrides())
-    precision = resolve_run_precision(  # auto: bf16 where native and this model's step is faster (global RNG kept)
-        cfg.run, speed_check=lambda: throughput.bf16_speedup(model, (3, *model.img_size)))
-    acc = make_accelerator(precision, o.accum_steps, cfg.run.dir)
-    check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
-    run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
-    start_trackers(acc, cfg)
-    logger.info("%s", model.load_report or f"model.pretrained is not set: training {model.model_name} from scratch")
-    logger.info("%s", describe_data(train_loader, d.batch_size, acc.num_processes, d.label_fraction, d.label_seed))
-    teacher = None  # frozen, outside the optimizer, the checkpoints and accelerator.prepare: rebuilt on resume
-    if cfg.distill.enabled:
-        teacher = build_teacher(cfg.distill, num_classes=num_classes, student_mean=d.mean, student_std=d.std,
-                                device=acc.device)
-        if hasattr(model, "set_distilled_training"):  # DeiT: training returns (class, distillation) logits
-            model.set_distilled_training(True)
-        logger.info("distilling from %s: %s, alpha %g%s", teacher.source, cfg.distill.type, cfg.distill.alpha,
-                    "" if hasattr(model, "set_distilled_training") else " (one head: classic knowledge distillation)")
-
-    eff_batch = d.batch_size * acc.num_processes * o.accum_steps
-    sched = plan_schedule(epochs=o.epochs, batches_per_epoch=len(train_loader), accum_steps=o.accum_steps,
-                          warmup_epochs=o.warmup_epochs, base_lr=o.base_lr, effective_batch=eff_batch,
-                          min_lr=o.min_lr, max_steps=o.max_steps)
-    if acc.is_main_process:
-        log_memory_estimate(acc, model, (d.batch_size, model.in_chans, *model.img_size), precision)
-    model.to(acc.device)
-    meter = throughput.meter_for(  # FLOPs per image, peak, MFU
-        model, (3, *model.img_size), acc.device, precision, num_processes=acc.num_processes, log=acc.is_main_process)
-    optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay), sched.peak_lr,
-                            o.weight_decay, betas=(0.9, 0.999))
-    ema = ModelEmaV3(model, decay=cfg.run.ema) if cfg.run.ema else None
-    model, optimizer = acc.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    mixup_fn, criterion = build_criterion(d, num_classes)
-    header = classifier_header(acc.unwrap_model(model), class_names, d.mean, d.std)
-
-    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0, "precision": precision}  # kept on resume
-    if ckpt is not None:
-        state.update(runs.load_checkpoint(acc, ckpt))
-        if ema is not None:
-            from safetensors.torch import load_file
-
-            ema.module.load_state_dict(load_file(str(_ema_path(run, state["step"]))))
-    step, epoch, batch = state["step"], state["epoch"], state["batch"]
-    skips = runs.SkipTally(acc, train_loader, state.get("skipped"))  # bad samples by kind, all ranks, since step 0
-    metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process,
-                                 resume_step=step if ckpt is not None else None)
-    logger.info("fine-tuning %s: %d classes, effective batch %d, peak lr %.3g after %d warm-up steps, %d steps/epoch, "
-                "%d steps%s", model.model_name if hasattr(model, "model_name") else m.name, num_classes, eff_batch,
-                sched.peak_lr, sched.warmup_steps, sched.steps_per_epoch, sched.total_steps,
-                f" (stopping at {sched.last_step})" if sched.last_step < sched.total_steps else "")
-
-    def checkpoint() -> None:
-        state.update(step=step, epoch=epoch, batch=batch, nonfinite_steps=int(guard.bad_total.item()),
-                     skipped=skips.totals(), model=header)
-        if ema is not None and acc.is_main_process:
-            save_weights(ema.module.state_dict(), _ema_path(run, step), header)
-        runs.save_checkpoint(acc, run, step, state, keep_last=cfg.run.keep_last)
-        if ema is not None and acc.is_main_process:  # drop EMA files of removed checkpoints
-            kept = {runs.checkpoint_step(p) for p in run.checkpoints()}
-            for p in run.checkpoints_dir.glob("ema-*.safetensors"):
-                if int(p.stem.split("-")[1]) not in kept:
-                    p.unlink()
-        if acc.is_main_process:
-            save_run_curves(run.root, FINETUNE_PANELS)
-
-    guard = StepGuard(acc.device, state["nonfinite_steps"])
-    advice = (f"Try a lower optim.base_lr (now {o.base_lr}), optim.clip_grad=1.0, or run.precision=fp32; then resume "
-              f"from the last checkpoint in {cfg.run.dir}.")
-    losses: list[float] = []
-    result, t0, step_t0 = None, time.perf_counter(), step
-    bar = progress_bar(cfg.run.progress and acc.is_main_process, sched.last_step, step)
-    batches_per_epoch = sched.steps_per_epoch * o.accum_steps  # a ragged tail of micro-batches is skipped
-    stopping = False
-    while step < sched.last_step and not stopping:
-        model.train()
-        for x, y in meter.timed(batches_from(train_loader, epoch, batch)):  # data-wait time
-            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)  # [B,C,H,W], [B]
-            if mixup_fn is not None:
-                x, y = mixup_fn(x, y)  # y: [B, num_classes] soft targets
-            with acc.accumulate(model):
-                with acc.autocast():  # the teacher, too, runs at the run's precision, on the same mixed images
-                    out = model(x)
-                    loss = criterion(out, y) if teacher is None else cfg.distill.loss(out, y, teacher(x), criterion)
-                acc.backward(loss)
-                guard.add_loss(loss)
-                guard.step(acc, optimizer, params, sched.lr(step), o.clip_grad)
-            batch = train_loader.state_dict()["batch"]
-            if not acc.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if ema is not None:
-                ema.update(acc.unwrap_model(model), step=step)
-            if step % cfg.run.log_every == 0 or step == sched.last_step:
-                row = guard.read(acc, cfg.run.max_nonfinite, advice)
-                losses.append(row["loss"])
-                rate = eff_batch * (step - step_t0) / (time.perf_counter() - t0)
-                row.update(epoch=round(epoch + batch / len(train_loader), 4), lr=optimizer.param_groups[-1]["lr"],
-                           images_per_sec=round(rate, 2), **meter.fields(rate))  # tflops, mfu, data_wait
-                skipped = skips.totals()
-                metrics.log(step, **row, skipped=skipped)
-                acc.log({**{f"train/{k}": v for k, v in row.items() if v is not None},
-                         **{f"train/skipped_{k}": v for k, v in skipped.items()}}, step=step)
-                if acc.is_main_process:
-                    report_progress(bar, step, sched.last_step, epoch=row["epoch"], loss=row["loss"], lr=row["lr"],
-                                    img_s=rate)
-                t0, step_t0 = time.perf_counter(), step
-            # Ctrl-C on any rank: every rank saves and stops after this step (at the last step: the run ends anyway)
-            stopping = stop_requested(acc) and step < sched.last_step
-            if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == sched.last_step or stopping:
-                checkpoint()
-            if stopping or step >= sched.last_step or batch >= batches_per_epoch:
-                break
-        else:
-            batch = batches_per_epoch  # the stream ended
-        if stopping or batch < batches_per_epoch:
-            break  # Ctrl-C, or stopped inside the epoch (optim.max_steps)
-        epoch, batch = epoch + 1, 0
-        if val_loader is not None and (epoch % cfg.run.eval_every == 0 or step >= sched.last_step):
-            result, row = _evaluate(acc, model, ema, val_loader, num_classes)
-            metrics.log(step, epoch=epoch, **row)
-            acc.log({f"val/{k[4:]}": v for k, v in row.items()}, step=step)
-            logger.info("epoch %d step %d: val top-1 %.2f%%  top-5 %.2f%%", epoch, step, result.top1, result.top5)
-        if not cfg.run.ckpt_every and step < sched.last_step:
-            checkpoint()  # epoch boundary (the last step is saved inside the loop)
-    bar.close()
-    metrics.close()
-    skipped = skips.report()
-    if stopping:
-        acc.end_training()
-        run.unlock()
-        raise TrainingInterrupted(step, run.checkpoints_dir / f"{runs.CKPT_PREFIX}{step:08d}")
-
-    if val_loader is not None and result is None:  # stopped mid-epoch or resumed at the end
-        result, _ = _evaluate(acc, model, None, val_loader, num_classes)
-    out_path = run.root / CLASSIFIER_FILE
-    if acc.is_main_process:
-        export_classifier(acc.unwrap_model(model), out_path, header)
-        if ema is not None:
-            export_classifier(ema.module, run.root / "classifier_ema.safetensors", header)
-        save_run_curves(run.root, FINETUNE_PANELS)
-    acc.wait_for_everyone()
-    acc.end_training()
-    run.unlock()
-    return {
-        "step": step, "epoch": epoch, "loss": losses[-1] if losses else float("nan"), "losses": losses,
-        "skipped": skipped,
-        "top1": result.top1 if result else None, "top5": result.top5 if result else None,
-        **({f"top1_{h}": v for h, v in result.head_top1.items()} if result else {}),
-        "run_dir": str(run.root), "classifier": str(out_path), "resumed_from": str(ckpt) if ckpt else None,
-        "num_processes": acc.num_processes, "timm_line": timm_load_line(header, out_path),
-        "curves": str(run.root / "curves.png") if (run.root / "curves.png").is_file() else None,
-    }
+    return fit(FinetuneTask(cfg))
 
 
 def _summary(r: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ promise.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger("maevit")
 
 GiB = 2**30
 
@@ -141,3 +144,16 @@ def oom_message(batch_size: int | None, device: str = "") -> str:
             f"raise optim.accum_steps to keep the effective batch{eg} or use run.precision=bf16 on a GPU; the "
             "estimate printed at start-up says what one step needs. Re-running the same command resumes from "
             "the last checkpoint.")
+
+
+def log_memory_estimate(acc, model: torch.nn.Module, input_shape: tuple[int, ...], precision: str) -> None:
+    """Log what one training step needs (a dry run on meta tensors), and warn when it cannot fit."""
+    try:
+        est = estimate_step_memory(model, input_shape, precision=precision)
+    except Exception as e:  # an estimate must never stop a run (an op without a meta kernel, ...)
+        logger.debug("no memory estimate: %s", e)
+        return
+    logger.info("memory: %s", est.describe())
+    warning = fit_warning(est, acc.device)
+    if warning:
+        logger.warning("%s", warning)

@@ -15,7 +15,7 @@ from torch import nn
 
 # Parameters that never get weight decay besides biases and norm weights (1-D,
 # handled by timm): position tables (if learned), and class / mask / other tokens.
-NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*mask_token", "*dist_token", "*reg_token")
+NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*mask_token", "*reg_token")  # (families add theirs)
 
 
 def cosine_lr(step: float, *, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:

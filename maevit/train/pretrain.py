@@ -5,7 +5,7 @@ same command runs on one CPU, ``accelerate launch`` on N GPUs, or ``torchrun``
 over several nodes. The data stream is already split by rank, so it is *not*
 passed to ``accelerator.prepare`` (which would re-shard it).
 
-The loop never waits for the device inside a step (:class:`~maevit.train.common.StepGuard`):
+The loop never waits for the device inside a step (:class:`~maevit.train.step.StepGuard`):
 losses are summed on the device and read every ``run.log_every`` steps; a step
 whose gradient is not finite is skipped on the device and counted. Re-running
 the same command on a run directory resumes it exactly.
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,16 +23,19 @@ from maevit.config import ConfigError, to_dict
 from maevit.data.transforms import DEFAULT_MAX_PIXELS
 from maevit.models import create_mae, export_encoder
 from maevit.models.weights import header_of
-from maevit.train import runs, throughput
-from maevit.train.common import (
-    IMAGENET_MEAN, IMAGENET_STD, NonFiniteLossError, RunBase, StepGuard, TrainingInterrupted, batches_from,
-    building_model, check_resumable, describe_data, log_memory_estimate, make_accelerator, plan_schedule,
-    progress_bar, report_progress,
-    resolve_num_workers, resolve_run_precision, run_recipe_command, start_trackers, stop_requested,
-)
-from maevit.train.curves import PRETRAIN_PANELS, save_run_curves
+from maevit.train import runs
+from maevit.train.command import building_model, run_recipe_command
+from maevit.train.curves import PRETRAIN_PANELS
 from maevit.train.distill import FeatureDistillConfig, StudentTokens, build_feature_teacher, feature_distill_loss
+from maevit.train.engine import Hook, Loop, Setup, Task, fit, summary_fields
+from maevit.train.inputs import describe_data, resolve_num_workers
+from maevit.train.memory import log_memory_estimate
 from maevit.train.optim import build_adamw, param_groups
+from maevit.train.perf import compile_blocks, meter_for
+from maevit.train.precision import bf16_speedup, make_accelerator, resolve_run_precision
+from maevit.train.schedule import plan_for
+from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, RunBase
+from maevit.train.step import NonFiniteLossError
 
 logger = logging.getLogger("maevit.pretrain")
 __all__ = ["PretrainConfig", "train", "main", "NonFiniteLossError"]
@@ -157,10 +158,158 @@ def _probe_loaders(cfg: PretrainConfig, acc):
     return labeled_loader(cfg.run.probe_train, **kw), labeled_loader(cfg.run.probe_val, **kw)
 
 
-def _advice(cfg: PretrainConfig) -> str:
-    return (f"Try a lower optim.base_lr (now {cfg.optim.base_lr}), a longer optim.warmup_epochs, gradient clipping "
-            f"(optim.clip_grad=1.0), or run.precision=fp32 / bf16 instead of {cfg.run.precision}; then resume from "
-            f"the last checkpoint in {cfg.run.dir}. Also check the data for broken images.")
+class PretrainTask(Task):
+    """MAE pretraining on the loop: the masked-pixel loss (plus DMAE feature distillation when
+    ``distill.teacher`` is set); reconstruction grids and the online kNN probe as hooks; the encoder
+    weights as the result."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+
+    def build(self):
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        if not cfg.data.train:
+            raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled)")
+        set_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
+        with building_model():  # before open_run: a bad name or size changes no files
+            model = self.model = create_mae(cfg.model.name, **cfg.model.overrides())
+        img_shape = (3, *model.encoder.img_size)  # the loader's RGB images
+        self.precision = resolve_run_precision(  # auto: bf16 where native and faster for this model (RNG kept)
+            cfg.run, speed_check=lambda: bf16_speedup(model, img_shape))
+        acc = self.acc = make_accelerator(self.precision, cfg.optim.accum_steps, cfg.run.dir)
+        logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device,
+                    self.precision)
+        self.meter = meter_for(  # FLOPs per image, peak, MFU (before compile / prepare)
+            model, img_shape, acc.device, self.precision, num_processes=acc.num_processes, peak=cfg.run.peak_tflops,
+            log=acc.is_main_process)
+        workers = resolve_num_workers(cfg.data.num_workers)
+        self.loader = _loader(cfg, acc, num_workers=workers)  # before open_run too: a bad source changes no files
+        self.sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
+        self.probe = _probe_loaders(cfg, acc) if cfg.run.probe_every and not self.sharded else None
+        return acc, model
+
+    def start(self, run: runs.RunDir) -> Setup:
+        cfg, acc, model, o = self.cfg, self.acc, self.model, self.cfg.optim
+        logger.info("%s", describe_data(self.loader, cfg.data.batch_size, acc.num_processes))
+        if self.sharded and (cfg.run.viz_every or cfg.run.probe_every):  # both need the whole model on one process
+            logger.warning("reconstruction grids and the online probe are off under %s; use `maevit visualize "
+                           "RUN_DIR`", acc.distributed_type.value)
+        hooks: list[Hook] = []
+        if cfg.run.viz_every and acc.is_main_process and not self.sharded:  # a fixed set: whole images, 1st batch
+            imgs = next(iter(_loader(cfg, acc, batch_size=cfg.run.viz_images, num_workers=0, rank=0, world_size=1,
+                                     scale=(1.0, 1.0), shuffle_buffer=cfg.run.viz_images)))
+            hooks.append(_Grids(imgs, cfg, run))
+        sched, eff_batch = plan_for(o, self.loader, cfg.data.batch_size, acc.num_processes)
+        if acc.is_main_process:
+            log_memory_estimate(acc, model, (cfg.data.batch_size, model.encoder.in_chans, *model.encoder.img_size),
+                                self.precision)
+        optimizer = build_adamw(model.to(acc.device), sched.peak_lr, o.weight_decay, o.betas)
+        self.teacher = proj = None  # DMAE: a frozen teacher encoder (never trained or saved), a trained projection
+        if cfg.distill.enabled:
+            self.teacher = build_feature_teacher(cfg.distill, model.encoder, student_mean=cfg.data.mean,
+                                                 student_std=cfg.data.std, device=acc.device)
+            self.student_tokens = StudentTokens(model.encoder, cfg.distill.student_block)
+            proj = torch.nn.Linear(model.encoder.num_features, self.teacher.model.num_features).to(acc.device)
+            for group in param_groups(proj, o.weight_decay):
+                optimizer.add_param_group(group)
+            logger.info("distilling features from %s (weight %g)", self.teacher.source, cfg.distill.weight)
+        if cfg.run.compile:  # regional: each repeated block in place; parameter names stay the same
+            logger.info("compiled %d blocks", compile_blocks(model))
+        if proj is None:
+            model, optimizer = acc.prepare(model, optimizer)
+        else:  # the projection is saved in the training checkpoints beside the MAE (model_1.safetensors)
+            model, proj, optimizer = acc.prepare(model, proj, optimizer)
+        self.model, self.proj = model, proj
+        params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj else [])
+        # masking noise from a generator of its own per rank: saved in checkpoints, untouched by data code
+        self.mask_gen = torch.Generator(acc.device).manual_seed(cfg.run.seed * 1000 + acc.process_index)
+        if self.probe is not None:
+            hooks.append(_KnnProbe(self.probe, cfg.run))
+        logger.info("effective batch %d (= %d x %d processes x %d accumulation), peak lr %.3g after %d warm-up steps, "
+                    "%d steps/epoch, %d steps%s", eff_batch, cfg.data.batch_size, acc.num_processes, o.accum_steps,
+                    sched.peak_lr, sched.warmup_steps, sched.steps_per_epoch, sched.total_steps,
+                    f" (stopping at {sched.last_step})" if sched.last_step < sched.total_steps else "")
+        return Setup(acc=acc, run=run, model=model, optimizer=optimizer, params=params, loader=self.loader,
+                     schedule=sched, eff_batch=eff_batch, meter=self.meter, precision=self.precision,
+                     header=header_of(acc.unwrap_model(model), "mae"), clip_grad=o.clip_grad,
+                     generators={"mask": self.mask_gen}, hooks=hooks, panels=PRETRAIN_PANELS)
+
+    def loss(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        acc, model = self.acc, self.model
+        imgs = imgs.to(acc.device, non_blocking=True)  # [B, C, H, W]
+        if self.teacher is None:
+            return {"loss": model(imgs, generator=self.mask_gen).loss}
+        # one mask for both: the teacher encodes the student's visible units
+        mask = acc.unwrap_model(model).random_mask(imgs.shape[0], generator=self.mask_gen, device=acc.device)
+        out = model(imgs, mask=mask)
+        with acc.autocast():
+            distill = feature_distill_loss(self.student_tokens(out.latent), self.teacher(imgs, mask), self.proj)
+        return {"loss": out.loss + self.cfg.distill.weight * distill, "loss_pixel": out.loss, "loss_distill": distill}
+
+    def advice(self) -> str:
+        cfg = self.cfg
+        return (f"Try a lower optim.base_lr (now {cfg.optim.base_lr}), a longer optim.warmup_epochs, gradient "
+                f"clipping (optim.clip_grad=1.0), or run.precision=fp32 / bf16 instead of {cfg.run.precision}; then "
+                f"resume from the last checkpoint in {cfg.run.dir}. Also check the data for broken images.")
+
+    def export(self, loop: Loop) -> dict[str, Any]:
+        acc, cfg = self.acc, self.cfg
+        encoder_path = loop.run.root / "encoder.safetensors"
+        full_sd = acc.get_state_dict(self.model)  # collective under FSDP / DeepSpeed: every rank calls it
+        if acc.is_main_process:
+            export_encoder(acc.unwrap_model(self.model), encoder_path, state_dict=full_sd, mean=list(cfg.data.mean),
+                           std=list(cfg.data.std))
+            logger.info("done: step %d, encoder weights in %s", loop.step, encoder_path)
+        knn = next((h.knn for h in loop.s.hooks if isinstance(h, _KnnProbe)), {})
+        return {"loss": float("nan"), "images_per_sec": 0.0, **loop.row, **knn, **summary_fields(loop),
+                "nonfinite_steps": int(loop.guard.bad_total.item()), "encoder": str(encoder_path),
+                "last_checkpoint": loop.saved_at, "precision": self.precision}
+
+
+class _Grids(Hook):
+    """Reconstruction grids of a fixed set of images with a fixed mask, every ``run.viz_every`` steps."""
+
+    def __init__(self, imgs: torch.Tensor, cfg: PretrainConfig, run: runs.RunDir) -> None:
+        self.imgs, self.cfg, self.dir = imgs, cfg, run.images_dir
+
+    @torch.no_grad()
+    def after_log(self, loop: Loop) -> None:
+        if loop.step % self.cfg.run.viz_every and loop.step != loop.s.schedule.last_step:
+            return
+        from maevit.viz import save_reconstruction_grid
+
+        # the model is not put in eval mode: MAE pretraining has no dropout, and a mode switch would
+        # recompile a compiled model
+        with loop.acc.autocast():
+            save_reconstruction_grid(loop.acc.unwrap_model(loop.model), self.imgs.to(loop.acc.device),
+                                     self.dir / f"recon-{loop.step:08d}.png", seed=0, mean=self.cfg.data.mean,
+                                     std=self.cfg.data.std)
+
+
+class _KnnProbe(Hook):
+    """The online kNN probe of the encoder: at step 0 (the random encoder) and every ``run.probe_every`` steps."""
+
+    def __init__(self, loaders, run_cfg: RunConfig) -> None:
+        self.loaders, self.cfg, self.knn = loaders, run_cfg, {}
+
+    def on_start(self, loop: Loop) -> None:
+        if loop.step == 0:
+            self.probe(loop)  # the baseline: the randomly initialised encoder
+
+    def after_log(self, loop: Loop) -> None:
+        if loop.step % self.cfg.probe_every == 0 or loop.step == loop.s.schedule.last_step:
+            self.probe(loop)
+
+    def probe(self, loop: Loop) -> None:
+        from maevit.train.knn import knn_accuracy
+
+        self.knn.update(knn_accuracy(loop.acc.unwrap_model(loop.model).encoder, *self.loaders, k=self.cfg.probe_k,
+                                     accelerator=loop.acc))
+        loop.log(loop.step, "probe/", **self.knn)
+        logger.info("kNN probe at step %d: top-1 %.2f%%  top-5 %.2f%%", loop.step, self.knn["knn_top1"],
+                    self.knn["knn_top5"])
 
 
 def train(cfg: PretrainConfig) -> dict[str, Any]:
@@ -176,188 +325,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         maevit.train.runs.RunError: the run directory is in use, the disk filled up, or the
             checkpoint cannot be resumed (the message says what to do).
     """
-    from accelerate.utils import set_seed
-
-    from maevit.train.knn import knn_accuracy
-
-    if not cfg.data.train:
-        raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled)")
-    set_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
-    with building_model():  # before open_run: a bad name or size changes no files
-        model = create_mae(cfg.model.name, **cfg.model.overrides())
-    img_shape = (3, *model.encoder.img_size)  # the loader's RGB images
-    precision = resolve_run_precision(  # auto: bf16 where native and this model's step is faster (global RNG kept)
-        cfg.run, speed_check=lambda: throughput.bf16_speedup(model, img_shape))
-    acc = make_accelerator(precision, cfg.optim.accum_steps, cfg.run.dir)
-    logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device, precision)
-    meter = throughput.meter_for(  # FLOPs per image, peak, MFU (before compile / prepare)
-        model, img_shape, acc.device, precision, num_processes=acc.num_processes, peak=cfg.run.peak_tflops,
-        log=acc.is_main_process)
-    check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
-    workers = resolve_num_workers(cfg.data.num_workers)
-    loader = _loader(cfg, acc, num_workers=workers)  # before open_run too: a bad data source changes no files
-    sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
-    probe = _probe_loaders(cfg, acc) if cfg.run.probe_every and not sharded else None
-    run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
-    start_trackers(acc, cfg)
-    logger.info("%s", describe_data(loader, cfg.data.batch_size, acc.num_processes))
-    if sharded and (cfg.run.viz_every or cfg.run.probe_every):  # both need the whole model on one process
-        logger.warning("reconstruction grids and the online probe are off under %s; use `maevit visualize RUN_DIR`",
-                       acc.distributed_type.value)
-    viz_imgs = None
-    if cfg.run.viz_every and acc.is_main_process and not sharded:  # a fixed set: whole images, first batch
-        viz_imgs = next(iter(_loader(cfg, acc, batch_size=cfg.run.viz_images, num_workers=0, rank=0, world_size=1,
-                                     scale=(1.0, 1.0), shuffle_buffer=cfg.run.viz_images)))
-
-    o = cfg.optim
-    eff_batch = cfg.data.batch_size * acc.num_processes * o.accum_steps
-    sched = plan_schedule(epochs=o.epochs, batches_per_epoch=len(loader), accum_steps=o.accum_steps,
-                          warmup_epochs=o.warmup_epochs, base_lr=o.base_lr, effective_batch=eff_batch,
-                          min_lr=o.min_lr, max_steps=o.max_steps)
-    if acc.is_main_process:
-        log_memory_estimate(acc, model, (cfg.data.batch_size, model.encoder.in_chans, *model.encoder.img_size),
-                            precision)
-    optimizer = build_adamw(model.to(acc.device), sched.peak_lr, o.weight_decay, o.betas)
-    teacher = proj = None  # DMAE: a frozen teacher encoder (never trained or saved) and a trained projection
-    if cfg.distill.enabled:
-        teacher = build_feature_teacher(cfg.distill, model.encoder, student_mean=cfg.data.mean,
-                                        student_std=cfg.data.std, device=acc.device)
-        student_tokens = StudentTokens(model.encoder, cfg.distill.student_block)
-        proj = torch.nn.Linear(model.encoder.num_features, teacher.model.num_features).to(acc.device)
-        for group in param_groups(proj, o.weight_decay):
-            optimizer.add_param_group(group)
-        logger.info("distilling features from %s (weight %g)", teacher.source, cfg.distill.weight)
-    if cfg.run.compile:  # regional: each repeated block in place; parameter names stay the same
-        logger.info("compiled %d blocks", throughput.compile_blocks(model))
-    if proj is None:
-        model, optimizer = acc.prepare(model, optimizer)
-    else:  # the projection is saved in the training checkpoints beside the MAE (model_1.safetensors)
-        model, proj, optimizer = acc.prepare(model, proj, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj is not None else [])
-    # masking noise from a generator of its own per rank: saved in checkpoints, untouched by data code
-    mask_gen = torch.Generator(acc.device).manual_seed(cfg.run.seed * 1000 + acc.process_index)
-    header = header_of(acc.unwrap_model(model), "mae")
-
-    state = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0, "precision": precision}  # kept on resume
-    if ckpt is not None:
-        state.update(runs.load_checkpoint(acc, ckpt, generators={"mask": mask_gen}))
-    step, epoch, batch = state["step"], state["epoch"], state["batch"]
-    skips = runs.SkipTally(acc, loader, state.get("skipped"))  # bad samples by kind, all ranks, since step 0
-    metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process,
-                                 resume_step=step if ckpt is not None else None)
-    logger.info("effective batch %d (= %d x %d processes x %d accumulation), peak lr %.3g after %d warm-up steps, "
-                "%d steps/epoch, %d steps%s", eff_batch, cfg.data.batch_size, acc.num_processes, o.accum_steps,
-                sched.peak_lr, sched.warmup_steps, sched.steps_per_epoch, sched.total_steps,
-                f" (stopping at {sched.last_step})" if sched.last_step < sched.total_steps else "")
-
-    guard = StepGuard(acc.device, state["nonfinite_steps"])
-    summary: dict[str, Any] = {"loss": float("nan"), "images_per_sec": 0.0}
-    knn: dict[str, float] = {}
-
-    def run_probe() -> None:
-        knn.update(knn_accuracy(acc.unwrap_model(model).encoder, *probe, k=cfg.run.probe_k, accelerator=acc))
-        metrics.log(step, **knn)
-        acc.log({f"probe/{k}": v for k, v in knn.items()}, step=step)
-        logger.info("kNN probe at step %d: top-1 %.2f%%  top-5 %.2f%%", step, knn["knn_top1"], knn["knn_top5"])
-
-    bar = progress_bar(cfg.run.progress and acc.is_main_process, sched.last_step, step)
-    t_log, step_log, saved_at = time.perf_counter(), step, step if ckpt is not None else -1
-    batches_per_epoch = sched.steps_per_epoch * o.accum_steps  # a ragged tail of micro-batches is skipped
-    stopping = False
-    if probe is not None and step == 0:
-        run_probe()  # the baseline: the randomly initialised encoder
-    while step < sched.last_step and not stopping:
-        if batch >= batches_per_epoch:  # also after a resume at the very end of an epoch
-            epoch, batch = epoch + 1, 0
-        for imgs in meter.timed(batches_from(loader, epoch, batch)):  # data-wait time
-            imgs = imgs.to(acc.device, non_blocking=True)  # [B, C, H, W]
-            with acc.accumulate(model):
-                if teacher is None:
-                    loss = model(imgs, generator=mask_gen).loss
-                else:  # one mask for both: the teacher encodes the student's visible units
-                    mask = acc.unwrap_model(model).random_mask(imgs.shape[0], generator=mask_gen, device=acc.device)
-                    out = model(imgs, mask=mask)
-                    with acc.autocast():
-                        distill = feature_distill_loss(student_tokens(out.latent), teacher(imgs, mask), proj)
-                    loss = out.loss + cfg.distill.weight * distill
-                acc.backward(loss)
-                guard.add_loss(loss)
-                guard.step(acc, optimizer, params, sched.lr(step), o.clip_grad)
-            batch = loader.state_dict()["batch"]  # the stream's position: what a resume skips to
-            if not acc.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % cfg.run.log_every == 0 or step == sched.last_step:
-                row = guard.read(acc, cfg.run.max_nonfinite, _advice(cfg))
-                img_s = eff_batch * (step - step_log) / (time.perf_counter() - t_log)
-                summary = _log(acc, metrics, bar, step, sched.last_step, epoch + batch / len(loader), optimizer, row,
-                               img_s, skips.totals(), meter.fields(img_s))  # tflops, mfu, data_wait
-                t_log, step_log = time.perf_counter(), step
-            if viz_imgs is not None and (step % cfg.run.viz_every == 0 or step == sched.last_step):
-                _save_grid(acc, model, viz_imgs, cfg, run.images_dir / f"recon-{step:08d}.png")
-            if probe is not None and (step % cfg.run.probe_every == 0 or step == sched.last_step):
-                run_probe()
-            # Ctrl-C on any rank: every rank saves and stops after this step (at the last step: the run ends anyway)
-            stopping = stop_requested(acc) and step < sched.last_step
-            if step % cfg.run.ckpt_every == 0 or step == sched.last_step or stopping:
-                state.update(step=step, epoch=epoch, batch=batch, nonfinite_steps=int(guard.bad_total.item()),
-                             skipped=skips.totals(), model=header)
-                runs.save_checkpoint(acc, run, step, state, keep_last=cfg.run.keep_last, generators={"mask": mask_gen})
-                saved_at = step
-                if acc.is_main_process:
-                    save_run_curves(run.root, PRETRAIN_PANELS)
-            if stopping or step >= sched.last_step or batch >= batches_per_epoch:
-                break
-        else:
-            batch = batches_per_epoch  # the stream ended
-    bar.close()
-    metrics.close()
-    skipped = skips.report()
-    if stopping:
-        acc.end_training()
-        run.unlock()
-        raise TrainingInterrupted(step, run.checkpoints_dir / f"{runs.CKPT_PREFIX}{step:08d}")
-
-    encoder_path = run.root / "encoder.safetensors"
-    full_sd = acc.get_state_dict(model)  # collective under FSDP / DeepSpeed: every rank calls it
-    if acc.is_main_process:
-        export_encoder(acc.unwrap_model(model), encoder_path, state_dict=full_sd, mean=list(cfg.data.mean),
-                       std=list(cfg.data.std))
-        logger.info("done: step %d, encoder weights in %s", step, encoder_path)
-    acc.wait_for_everyone()
-    acc.end_training()
-    run.unlock()
-    return {**summary, **knn, "step": step, "epoch": epoch, "nonfinite_steps": int(guard.bad_total.item()),
-            "skipped": skipped,
-            "resumed_from": str(ckpt) if ckpt else None, "run_dir": str(run.root), "encoder": str(encoder_path),
-            "last_checkpoint": saved_at, "num_processes": acc.num_processes, "precision": precision,
-            "curves": str(run.root / "curves.png") if (run.root / "curves.png").is_file() else None}
-
-
-def _log(acc, metrics, bar, step, last_step, epoch, optimizer, row, img_per_sec,
-         skipped: dict[str, int], speed: dict[str, Any]) -> dict[str, Any]:
-    """One metrics row (already reduced over ranks) to metrics.jsonl, the tracker and the bar (or the log)."""
-    row = {"epoch": round(epoch, 4), "loss": row["loss"], "lr": optimizer.param_groups[0]["lr"],
-           "images_per_sec": round(img_per_sec, 2), "nonfinite_steps": row["nonfinite_steps"], **speed}
-    metrics.log(step, **row, skipped=skipped)  # bad samples skipped since step 0, by kind
-    acc.log({**{f"train/{k}": v for k, v in row.items() if v is not None}, **{f"train/skipped_{k}": v for k, v in skipped.items()}},
-            step=step)
-    if acc.is_main_process:
-        report_progress(bar, step, last_step, epoch=epoch, loss=row["loss"], lr=row["lr"], img_s=img_per_sec,
-                        skipped=row["nonfinite_steps"] or None)
-    return row
-
-
-@torch.no_grad()
-def _save_grid(acc, model, imgs, cfg: PretrainConfig, path: Path) -> None:
-    """Reconstruction grid of the fixed images with a fixed mask (main process; the model is not put
-    in eval mode: MAE pretraining has no dropout, and a mode switch would recompile a compiled model)."""
-    from maevit.viz import save_reconstruction_grid
-
-    with acc.autocast():
-        save_reconstruction_grid(acc.unwrap_model(model), imgs.to(acc.device), path, seed=0,
-                                 mean=cfg.data.mean, std=cfg.data.std)
+    return fit(PretrainTask(cfg))
 
 
 def _summary(result: dict[str, Any]) -> str:

@@ -18,14 +18,17 @@ from torch import nn
 from maevit.config import ConfigError
 from maevit.models import create_classifier
 from maevit.train import runs
-from maevit.train.common import (
-    IMAGENET_MEAN, IMAGENET_STD, Precision, building_model, clip_warmup, describe_data, labeled_for_rank,
-    make_accelerator, num_classes_of, progress_bar, resolve_num_workers, resolve_run_precision, run_recipe_command,
-    start_trackers,
-)
+from maevit.train.command import building_model, run_recipe_command
+from maevit.train.inputs import describe_data, labeled_for_rank, num_classes_of, resolve_num_workers
+from maevit.train.precision import make_accelerator, resolve_run_precision
+from maevit.train.progress import progress_bar
+from maevit.train.schedule import clip_warmup
+from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, Precision
 from maevit.train.evaluate import evaluate_classifier
 from maevit.train.knn import encoder_features, extract_features
-from maevit.train.optim import cosine_lr, set_lr
+from maevit.models.weights import header_of, save_weights
+from maevit.train.engine import Loop, Policy, Setup, Task, fit
+from maevit.train.schedule import Schedule
 
 logger = logging.getLogger("maevit.probe")
 
@@ -124,41 +127,125 @@ def build_lars(head: nn.Module, lr: float, weight_decay: float = 0.0):
     return Lars([g for g in groups if g["params"]], lr=lr, momentum=0.9)
 
 
-def train_linear_head(
-    head: nn.Module,
-    batches,
-    *,
-    epochs: int,
-    steps_per_epoch: int,
-    lr: float,
-    warmup_epochs: float = 0.0,
-    min_lr: float = 0.0,
-    weight_decay: float = 0.0,
-    on_epoch=None,
-) -> list[float]:
-    """Train a probe head with LARS + warm-up / cosine; ``batches(epoch)`` yields ``(feats, labels)``.
+class FeatureBatches:
+    """Batches of features computed once (``data.augment=false``): a stream for the loop.
 
-    Returns the mean loss of each epoch.
+    Every epoch is a fresh permutation of all samples, drawn in turn from one generator seeded
+    with ``run.seed``; ``len()`` batches of ``batch_size`` (a ragged tail is left out).
     """
-    opt = build_lars(head, lr, weight_decay)
-    total = epochs * steps_per_epoch
-    warm = clip_warmup(round(warmup_epochs * steps_per_epoch), total, warmup_epochs, epochs)
-    step, hist = 0, []
-    for epoch in range(epochs):
-        head.train()
-        tot, n = 0.0, 0
-        for f, y in batches(epoch):
-            set_lr(opt, cosine_lr(step, base_lr=lr, warmup_steps=warm, total_steps=total, min_lr=min_lr))
-            loss = nn.functional.cross_entropy(head(f), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            tot, n = tot + loss.item(), n + 1
-        hist.append(tot / max(1, n))
-        if on_epoch is not None:
-            on_epoch(epoch, hist[-1])
-    return hist
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.feats, self.labels, self.batch_size = feats, labels, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perms: list[torch.Tensor] = []
+        self.num_samples = feats.shape[0]
+        self._epoch, self._position, self._skip = 0, 0, 0
+
+    def __len__(self) -> int:
+        return max(1, self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        while len(self.perms) <= epoch:  # the draws of the epochs before, in order
+            self.perms.append(torch.randperm(self.num_samples, generator=self.gen))
+        self._epoch, self._position, self._skip = epoch, 0, 0
+
+    def skip_batches(self, n: int) -> None:
+        self._skip = n
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batch": self._position}
+
+    def __iter__(self):
+        perm = self.perms[self._epoch].to(self.feats.device)
+        for i in range(self._skip, len(self)):
+            self._position = i + 1
+            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.feats[idx], self.labels[idx]
+
+
+class ProbeTask(Task):
+    """The linear probe on the loop: cross-entropy of the head on frozen features (computed once, or
+    every epoch with ``data.augment``), LARS; no checkpoints (probes are short and start fresh);
+    evaluation and the head file at the end."""
+
+    def __init__(self, cfg: ProbeConfig) -> None:
+        self.cfg = cfg
+
+    def build(self):
+        from accelerate.utils import set_seed
+
+        cfg, d = self.cfg, self.cfg.data
+        if not d.train:
+            raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
+        self.precision = resolve_run_precision(cfg.run)
+        acc = self.acc = make_accelerator(self.precision, run_dir=cfg.run.dir)
+        set_seed(cfg.run.seed)
+        common = dict(img_size=cfg.model.img_size, batch_size=d.batch_size,
+                      num_workers=resolve_num_workers(d.num_workers), seed=cfg.run.seed, mean=d.mean, std=d.std)
+        self.train_loader = labeled_for_rank(d.train, acc, train=d.augment, label_fraction=d.label_fraction,
+                                             label_seed=d.label_seed, **common,
+                                             **({"auto_augment": None, "re_prob": 0.0} if d.augment else {}))
+        self.num_classes = num_classes_of(cfg.model.num_classes, self.train_loader)
+        with building_model():
+            self.encoder = create_classifier(cfg.model.name, 0, pretrained=cfg.model.pretrained,
+                                             global_pool=cfg.model.global_pool, img_size=cfg.model.img_size,
+                                             **cfg.model.args)
+        # a bad source changes no files
+        self.val_loader = labeled_for_rank(d.val, acc, train=False, **common) if d.val else None
+        return acc, self.encoder
+
+    def start(self, run: runs.RunDir) -> Setup:
+        cfg, acc, d, o = self.cfg, self.acc, self.cfg.data, self.cfg.optim
+        logger.info("%s", self.encoder.load_report or "model.pretrained is not set: probing a randomly initialised "
+                                                      "encoder")
+        logger.info("%s", describe_data(self.train_loader, d.batch_size, acc.num_processes, d.label_fraction,
+                                        d.label_seed))
+        model = self.model = LinearProbe(self.encoder, self.num_classes).to(acc.device)
+        if d.augment:  # features recomputed every epoch (published); the head synchronised by DDP
+            loader, eff_batch = self.train_loader, d.batch_size * acc.num_processes
+            model.head = acc.prepare(model.head)
+        else:  # every process trains the same head on all features, with the same seed: no sync needed
+            bar = progress_bar(acc.is_main_process, len(self.train_loader), unit="batch", desc="features")
+            feats, labels = extract_features(model.encoder, _counted(self.train_loader, bar), accelerator=acc)
+            bar.close()
+            eff_batch = d.batch_size * acc.num_processes
+            loader = FeatureBatches(feats.to(acc.device), labels.to(acc.device), eff_batch, cfg.run.seed)
+        optimizer = acc.prepare(build_lars(model.head, o.lr, o.weight_decay))
+        steps = len(loader)
+        total = o.epochs * steps
+        warmup = clip_warmup(round(o.warmup_epochs * steps), total, o.warmup_epochs, o.epochs)
+        sched = Schedule(steps, total, total, warmup, o.lr, o.min_lr)  # LARS: the same peak lr at any batch
+        header = header_of(self.encoder, "probe_head", num_classes=self.num_classes, mean=list(d.mean),
+                           std=list(d.std), class_names=list(getattr(self.train_loader, "class_names", None) or []))
+        for key in ("timm_model", "timm_kwargs"):  # a head alone: no timm twin
+            header.pop(key, None)
+        self.header = header
+        return Setup(acc=acc, run=run, model=model.head, optimizer=optimizer, loader=loader, schedule=sched,
+                     params=[p for p in model.head.parameters() if p.requires_grad], eff_batch=eff_batch,
+                     meter=None, header=header, precision=self.precision,
+                     policy=Policy(log_every=steps, checkpoints=False))
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        x, y = (t.to(self.acc.device) for t in batch)
+        feats = self.model.features(x) if self.cfg.data.augment else x  # [B, D]
+        return {"loss": nn.functional.cross_entropy(self.model.head(feats), y)}
+
+    def export(self, loop: Loop) -> dict[str, Any]:
+        acc, model = self.acc, self.model
+        model.head = acc.unwrap_model(model.head)
+        head_path = loop.run.root / "probe_head.safetensors"
+        out: dict[str, Any] = {"losses": loop.losses, "top1": None, "top5": None, "run_dir": str(loop.run.root),
+                               "num_processes": acc.num_processes, "head": str(head_path)}
+        if self.val_loader is not None:
+            bar = progress_bar(acc.is_main_process, len(self.val_loader), unit="batch", desc="validation")
+            res = evaluate_classifier(model, _counted(self.val_loader, bar), self.num_classes, accelerator=acc)
+            bar.close()
+            out.update(top1=res.top1, top5=res.top5)
+            loop.log(loop.step, epoch=loop.epoch, **{f"val_{k}": v for k, v in res.summary().items()})
+            acc.log({"probe/val_top1": res.top1, "probe/val_top5": res.top5}, step=loop.step)
+        if acc.is_main_process:
+            save_weights(model.head.state_dict(), head_path, self.header)  # atomic, with its header
+        return out
 
 
 def probe(cfg: ProbeConfig) -> dict[str, Any]:
@@ -172,95 +259,7 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
     augmentation the features are recomputed every epoch (published setting)
     and the head is synchronised by DDP.
     """
-    from accelerate.utils import set_seed
-
-    if not cfg.data.train:
-        raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
-    acc = make_accelerator(resolve_run_precision(cfg.run), run_dir=cfg.run.dir)
-    set_seed(cfg.run.seed)
-    d, o = cfg.data, cfg.optim
-    common = dict(img_size=cfg.model.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),
-                  seed=cfg.run.seed, mean=d.mean, std=d.std)
-    train_loader = labeled_for_rank(d.train, acc, train=d.augment, label_fraction=d.label_fraction,
-                                    label_seed=d.label_seed, **common,
-                                    **({"auto_augment": None, "re_prob": 0.0} if d.augment else {}))
-    num_classes = num_classes_of(cfg.model.num_classes, train_loader)
-    with building_model():
-        encoder = create_classifier(cfg.model.name, 0, pretrained=cfg.model.pretrained,
-                                    global_pool=cfg.model.global_pool, img_size=cfg.model.img_size, **cfg.model.args)
-    val_loader = labeled_for_rank(d.val, acc, train=False, **common) if d.val else None  # a bad source: no files
-    run, _ = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
-    start_trackers(acc, cfg)
-    logger.info("%s", encoder.load_report or "model.pretrained is not set: probing a randomly initialised encoder")
-    logger.info("%s", describe_data(train_loader, d.batch_size, acc.num_processes, d.label_fraction, d.label_seed))
-    model = LinearProbe(encoder, num_classes).to(acc.device)
-    metrics = runs.MetricsLogger(run.metrics_path, enabled=acc.is_main_process)
-    show = acc.is_main_process
-    bar = progress_bar(show, o.epochs, unit="epoch", desc="probe")
-
-    def log(e: int, loss: float) -> None:
-        metrics.log(e + 1, epoch=e + 1, loss=loss)
-        acc.log({"probe/loss": loss}, step=e + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if bar.disable and show and ((e + 1) % 10 == 0 or e + 1 == o.epochs):
-            logger.info("epoch %d/%d  loss %.4f", e + 1, o.epochs, loss)
-
-    if not d.augment:
-        batches = progress_bar(show, len(train_loader), unit="batch", desc="features")
-        # all ranks: all samples
-        feats, labels = extract_features(model.encoder, _counted(train_loader, batches), accelerator=acc)
-        batches.close()
-        feats, labels = feats.to(acc.device), labels.to(acc.device)
-        eff_batch = d.batch_size * acc.num_processes
-        n = feats.shape[0]
-        gen = torch.Generator().manual_seed(cfg.run.seed)
-        steps = max(1, n // eff_batch)
-
-        def batches(epoch: int):
-            perm = torch.randperm(n, generator=gen).to(acc.device)
-            for i in range(steps):
-                idx = perm[i * eff_batch:(i + 1) * eff_batch]
-                yield feats[idx], labels[idx]
-
-        hist = train_linear_head(model.head, batches, epochs=o.epochs, steps_per_epoch=steps,
-                                 lr=o.lr, warmup_epochs=o.warmup_epochs,
-                                 min_lr=o.min_lr, weight_decay=o.weight_decay, on_epoch=log)
-    else:
-        head = acc.prepare(model.head)
-        model.head = head
-
-        def batches(epoch: int):
-            train_loader.set_epoch(epoch)
-            for x, y in train_loader:
-                x, y = x.to(acc.device), y.to(acc.device)
-                yield model.features(x), y
-
-        hist = train_linear_head(head, batches, epochs=o.epochs, steps_per_epoch=len(train_loader),
-                                 lr=o.lr,
-                                 warmup_epochs=o.warmup_epochs, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                                 on_epoch=log)
-        model.head = acc.unwrap_model(head)
-    bar.close()
-    head_path = run.root / "probe_head.safetensors"
-    out: dict[str, Any] = {"losses": hist, "top1": None, "top5": None, "run_dir": str(run.root),
-                           "num_processes": acc.num_processes, "head": str(head_path)}
-    if val_loader is not None:
-        batches = progress_bar(show, len(val_loader), unit="batch", desc="validation")
-        res = evaluate_classifier(model, _counted(val_loader, batches), num_classes, accelerator=acc)
-        batches.close()
-        out.update(top1=res.top1, top5=res.top5)
-        metrics.log(o.epochs, **{f"val_{k}": v for k, v in res.summary().items()})
-        acc.log({"probe/val_top1": res.top1, "probe/val_top5": res.top5}, step=o.epochs)
-    metrics.close()
-    if acc.is_main_process:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous().cpu() for k, v in model.head.state_dict().items()}, str(head_path))
-    acc.wait_for_everyone()
-    acc.end_training()
-    run.unlock()
-    return out
+    return fit(ProbeTask(cfg))
 
 
 def _counted(loader, bar):

@@ -75,6 +75,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from maevit.config import ConfigError, to_dict
 from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
 from maevit.fileio import fsync_tree, write_text_atomic
 
@@ -82,6 +83,7 @@ logger = logging.getLogger(__name__)
 
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
+EMA_PREFIX = "ema-"
 LATEST_FILE = "latest"
 TRASH_PREFIX = ".trash-"
 _LEFTOVER_PREFIXES = (".tmp-", TRASH_PREFIX, ".old-")  # hidden names of killed saves / prunes
@@ -163,6 +165,21 @@ class RunDir:
     @property
     def images_dir(self) -> Path:
         return self.root / "images"
+
+    def checkpoint_path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is published: ``checkpoints/step-%08d``."""
+        return self.checkpoints_dir / f"{CKPT_PREFIX}{step:08d}"
+
+    def ema_path(self, step: int) -> Path:
+        """EMA weights saved beside the checkpoint of ``step``: ``checkpoints/ema-%08d.safetensors``."""
+        return self.checkpoints_dir / f"{EMA_PREFIX}{step:08d}.safetensors"
+
+    def prune_beside_checkpoints(self) -> None:
+        """Delete files kept beside checkpoints (EMA weights) whose checkpoint was removed."""
+        kept = {checkpoint_step(p) for p in self.checkpoints()}
+        for p in self.checkpoints_dir.glob(f"{EMA_PREFIX}*.safetensors"):
+            if int(p.stem[len(EMA_PREFIX):]) not in kept:
+                p.unlink()
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -257,6 +274,51 @@ def open_run(
             ckpt, checkpoint_step(ckpt),
         )
     return run, ckpt
+
+
+def check_resumable(run_dir: str | os.PathLike, model: torch.nn.Module, cfg: Any, fresh: bool) -> None:
+    """Refuse, before anything in RUN_DIR changes, to resume a checkpoint of another architecture.
+
+    A changed ``model.img_size`` (or size) would otherwise rewrite ``config.yaml``
+    and then fail while loading the weights. Compared: the checkpoint's weight
+    shapes (safetensors header only) with ``model``'s; explained with the config
+    keys that changed.
+
+    Raises:
+        ConfigError: shapes differ; the message says how to resume or start over.
+    """
+    run = RunDir(run_dir)
+    ckpt = None if fresh else run.latest_checkpoint()
+    weights = None if ckpt is None else ckpt / "model.safetensors"
+    if weights is None or not weights.is_file():  # nothing to resume, or sharded (FSDP / DeepSpeed) states
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {k.removeprefix("module."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # a damaged file: loading the checkpoint says so, naming the file
+        return
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    diff = [f"{k} {list(saved[k])} -> {list(own[k])}" for k in own if k in saved and saved[k] != own[k]]
+    diff += [f"{k} is new" for k in own if k not in saved] + [f"{k} is gone" for k in saved if k not in own]
+    if not diff:
+        return
+    changed = []
+    if run.config_path.is_file():
+        import yaml
+
+        old = (yaml.safe_load(run.config_path.read_text()) or {}).get("model") or {}
+        new = to_dict(cfg).get("model") or {}
+        changed = [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k)]
+    why = "; ".join(changed) or "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
+    raise ConfigError(
+        f"{run.root} holds a checkpoint ({ckpt.name}) of another architecture ({why}), so this command cannot "
+        f"resume it. To resume, run it with the run's own model settings ({run.config_path}); to start over, add "
+        "run.fresh=true (the old run is moved aside, not deleted); or pick another run.dir. Nothing in the run "
+        "directory was changed."
+    )
 
 
 def _lock(run: RunDir, accelerator: Any) -> None:

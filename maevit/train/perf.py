@@ -1,4 +1,4 @@
-"""Throughput you can see: FLOPs per image, peak FLOP/s, MFU, and the precision choice.
+"""Throughput you can see: FLOPs per image, peak FLOP/s, MFU; and regional compilation.
 
 - :func:`count_train_flops`: forward + backward FLOPs of one training step per
   image, counted by ``torch.utils.flop_counter.FlopCounterMode`` on whatever the
@@ -14,30 +14,20 @@
   and MFU (model FLOPs utilisation = achieved / peak), and measures the share
   of wall time the loop waits for data; these become the ``tflops``, ``mfu``
   and ``data_wait`` columns of ``metrics.jsonl`` and the tracker.
-- :func:`choose_precision`: ``run.precision=auto`` as a pure function of the
-  facts (device type, bf16 support, native bf16 units, measured bf16 speed-up);
-  :func:`resolve_precision` gathers those facts, keeps a resumed run on the
-  precision it started with, and agrees across processes.
 - :func:`compile_blocks`: regional ``torch.compile`` of the repeated blocks.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 logger = logging.getLogger("maevit.throughput")
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -329,204 +319,6 @@ def meter_for(model: nn.Module, img_shape: tuple[int, int, int], device: torch.d
                     flops.forward / 1e9, flops.counted_on)
         logger.info("MFU against %s", f"{peak:.3g} TFLOP/s per device ({source})" if peak else f"nothing ({source})")
     return ThroughputMeter(flops.total, peak, num_processes)
-
-
-# ----------------------------------------------------------------------------- precision
-@dataclass(frozen=True)
-class PrecisionChoice:
-    """What ``run.precision`` resolved to, and why (for the log)."""
-
-    precision: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.precision} ({self.reason})"
-
-
-MIN_CPU_BF16_SPEEDUP = 1.1  # bf16 must beat fp32 by this much (a margin for timing noise)
-
-
-def choose_precision(
-    device_type: str,
-    *,
-    bf16_supported: bool,
-    bf16_native: list[str] | tuple[str, ...] = (),
-    bf16_speedup: float | None = None,
-    speedup_of: str = "the training step",
-    device_name: str = "",
-    min_speedup: float = MIN_CPU_BF16_SPEEDUP,
-) -> PrecisionChoice:
-    """``run.precision=auto``: bf16 autocast where it is native and pays off, fp32 otherwise.
-
-    Args:
-        device_type: "cuda", "cpu", ...
-        bf16_supported: the device runs bf16 natively (CUDA: compute capability >= 8.0).
-        bf16_native: CPU: the bf16 instruction-set flags found (e.g. ``["avx512_bf16"]``);
-            empty means bf16 would be emulated.
-        bf16_speedup: CPU: measured speed in bf16 autocast / speed in fp32; None if not measured.
-        speedup_of: what was timed, for the message.
-        device_name: for the message.
-        min_speedup: CPU: the speed-up bf16 must show to be chosen.
-    """
-    if device_type == "cuda":
-        if bf16_supported:
-            return PrecisionChoice("bf16", f"GPU {device_name} supports bf16".replace("GPU  ", "GPU "))
-        return PrecisionChoice("fp32", f"GPU {device_name} has no native bf16 (compute capability < 8.0); "
-                                       f"run.precision=fp16 gives mixed precision with loss scaling")
-    if device_type == "cpu":
-        if not bf16_native:
-            return PrecisionChoice("fp32", "CPU has no native bf16 units (no avx512_bf16 / amx_bf16 / bf16 flag): "
-                                           "bf16 would be emulated and slower")
-        flags = " and ".join(bf16_native)
-        if bf16_speedup is None:
-            return PrecisionChoice("fp32", f"CPU has {flags} but the bf16 speed check did not run")
-        if bf16_speedup >= min_speedup:
-            return PrecisionChoice("bf16", f"CPU has {flags} and {speedup_of} ran {bf16_speedup:.2f}x as fast "
-                                           f"in bf16 as in fp32")
-        return PrecisionChoice("fp32", f"CPU has {flags} but {speedup_of} ran only {bf16_speedup:.2f}x as fast "
-                                       f"in bf16 as in fp32 (bf16 needs >= {min_speedup:.2f}x)")
-    return PrecisionChoice("fp32", f"auto chooses bf16 only on CUDA GPUs and CPUs with bf16 units, not on "
-                                   f"{device_type}; set run.precision explicitly")
-
-
-def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
-    """The CPU's native bf16 instruction-set flags: x86 ``avx512_bf16`` / ``amx_bf16``,
-    Arm ``bf16`` (read from ``/proc/cpuinfo``; empty where it cannot be read, or when the environment
-    sets ``MAEVIT_CPU_BF16=0``: then ``run.precision=auto`` stays fp32 on this CPU, as the tests do)."""
-    if cpuinfo is None:
-        if os.environ.get("MAEVIT_CPU_BF16", "").strip() == "0":
-            return []
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return []
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    wanted = ("avx512_bf16", "amx_bf16") if platform.machine().lower() in ("x86_64", "amd64", "i686") \
-        else ("bf16", "avx512_bf16", "amx_bf16")
-    return [f for f in wanted if f in flags]
-
-
-def recorded_precision(run_dir: str | os.PathLike) -> str | None:
-    """The precision saved in a run's latest checkpoint (``trainer_state.json``), if any."""
-    from maevit.train import runs
-
-    ckpt = runs.RunDir(run_dir).latest_checkpoint()
-    if ckpt is None:
-        return None
-    try:
-        value = json.loads((Path(ckpt) / runs.STATE_FILE).read_text()).get("precision")
-    except (OSError, ValueError):
-        return None
-    return value if value in PRECISIONS[1:] else None
-
-
-def bf16_speedup(model: nn.Module, img_shape: tuple[int, int, int], *, batch_size: int = 8, reps: int = 3,
-                 budget_s: float = 3.0) -> float:
-    """How much faster ``model``'s forward + backward runs under CPU bf16 autocast than in fp32.
-
-    Runs on copies of the weights, with the global RNG restored afterwards; fp32 and bf16
-    steps alternate after one warm-up step each; the ratio of the median step times. Stops
-    early once ``budget_s`` is spent (at least one timed step each).
-
-    Args:
-        model: returns an object with ``.loss`` (an MAE) or a tensor (then its mean is the loss).
-        img_shape: ``(C, H, W)``.
-    """
-    from torch.func import functional_call
-
-    tensors = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in model.named_parameters()}
-    tensors.update({k: v.detach().clone() for k, v in model.named_buffers()})
-
-    def step(bf16: bool) -> float:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = functional_call(model, tensors, (imgs,), strict=False)
-        loss = _scalar_loss(out)
-        loss.backward()
-        for t in tensors.values():
-            t.grad = None
-        return time.perf_counter() - t0
-
-    times: dict[bool, list[float]] = {False: [], True: []}
-    with torch.random.fork_rng(devices=[]):
-        imgs = torch.randn(batch_size, *img_shape)
-        step(False), step(True)
-        end = time.perf_counter() + budget_s
-        for r in range(reps):
-            for bf16 in (False, True) if r % 2 == 0 else (True, False):
-                times[bf16].append(step(bf16))
-            if time.perf_counter() > end:
-                break
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return med[False] / med[True]
-
-
-def _gather_choice(device: torch.device, speed_check: Callable[[], float] | None) -> PrecisionChoice:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        try:
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch
-            native = torch.cuda.is_bf16_supported()
-        return choose_precision("cuda", bf16_supported=native, device_name=name)
-    if device.type == "cpu":
-        flags = cpu_bf16_flags()
-        speedup, what = None, "the training step"
-        if flags and speed_check is not None:
-            speedup = speed_check()
-        elif flags:
-            rates = cpu_matmul_tflops(("fp32", "bf16"))
-            speedup, what = rates["bf16"] / rates["fp32"], "a 1024 x 1024 matmul"
-        return choose_precision("cpu", bf16_supported=bool(flags), bf16_native=flags, bf16_speedup=speedup,
-                                speedup_of=what)
-    return choose_precision(device.type, bf16_supported=False)
-
-
-def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, *, fresh: bool = False,
-                      device: torch.device | str | None = None,
-                      speed_check: Callable[[], float] | None = None) -> PrecisionChoice:
-    """Resolve ``run.precision`` (``auto`` or explicit) for this process's device.
-
-    ``auto`` is decided once per run: a resumed run keeps the precision its checkpoint
-    records (so resume stays exact), and with several processes the main process decides
-    and the others follow (they would otherwise time the bf16 check differently).
-
-    Args:
-        requested: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-        run_dir: the run directory (for the recorded choice); ``fresh``: ignore it.
-        device: default: the device Accelerate assigns to this process.
-        speed_check: CPU with bf16 units: returns the bf16 / fp32 speed ratio of the real
-            training step (e.g. :func:`bf16_speedup` of a throwaway model); called only when
-            needed. Without it, the ratio of a bf16 to an fp32 matmul decides.
-    """
-    if requested not in PRECISIONS:
-        raise ValueError(f"run.precision={requested!r}: expected one of {', '.join(PRECISIONS)}")
-    if requested != "auto":
-        return PrecisionChoice(requested, "set by run.precision")
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # the process state the Accelerator will share (with the CPU flag it would read itself)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    device = torch.device(device) if device is not None else state.device
-    choice = None
-    if state.is_main_process:
-        old = recorded_precision(run_dir) if run_dir is not None and not fresh else None
-        if old is not None:
-            choice = PrecisionChoice(old, "recorded in the checkpoint being resumed")
-        else:
-            choice = _gather_choice(device, speed_check)
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [choice]
-        broadcast_object_list(box, from_process=0)
-        choice = box[0]
-    return choice
 
 
 # ----------------------------------------------------------------------------- compile
