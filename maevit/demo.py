@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from maevit.fileio import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 STATE = "demo.json"
 TAGS = ("10", "100")  # fine-tuning stages: the recipe's label fraction (10%), and all labels (--full)
@@ -82,9 +84,8 @@ class Demo:
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(STATE + ".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "stages": self.stages}, indent=1) + "\n")
-        tmp.replace(self.path)
+        text = json.dumps({"settings": self.settings, "stages": self.stages}, indent=1) + "\n"
+        write_text_atomic(self.path, text)
 
     def record(self, name: str, value: dict[str, Any]) -> None:
         self.stages[name] = value

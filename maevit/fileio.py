@@ -38,37 +38,56 @@ def fsync_tree(root: str | os.PathLike) -> None:
             os.fsync(f.fileno())
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any]) -> Path:
+def temporary_path(path: str | os.PathLike, *, hidden: bool = False) -> Path:
+    """Where :func:`atomic_write` writes ``path`` first: ``path.tmp-<pid>`` beside it
+    (``.name.tmp-<pid>`` with ``hidden``, for folders whose listings must not show it)."""
+    path = Path(path)
+    return path.with_name(f"{'.' if hidden else ''}{path.name}.tmp-{os.getpid()}")
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """fsync the written temporary ``tmp`` and rename it onto ``path`` (then fsync the folder).
+
+    The second half of :func:`atomic_write`, for writers that fill ``tmp`` over time (a tar
+    shard written sample by sample)."""
+    path = Path(path)
+    fsync_tree(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any], *, hidden: bool = False) -> Path:
     """Write ``path`` so that readers see either the old file or the complete new one.
 
     ``write_fn(tmp)`` writes ``path.tmp-<pid>`` (a file, or a directory for
     multi-file outputs); it is fsynced and renamed onto ``path``. On any error
     (or Ctrl-C) the temporary is removed and the old ``path`` is untouched. A
     directory can only replace a missing or empty directory (POSIX ``rename``).
+    Every file the toolkit writes goes through here (or :func:`publish`).
 
     Args:
         path: final location.
         write_fn: called with the temporary path; must create it.
+        hidden: name the temporary ``.name.tmp-<pid>`` (see :func:`temporary_path`).
 
     Returns:
         ``path`` as a ``Path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path, hidden=hidden)
     try:
         write_fn(tmp)
         if not tmp.exists():
             raise FileNotFoundError(f"atomic_write: write_fn did not create {tmp}")
-        fsync_tree(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
     return path
 
 

@@ -214,7 +214,9 @@ def test_a_failing_transform_is_raised_not_counted_as_corrupt(monkeypatch):
     def broken(transform, img, seed):
         raise ValueError("bits must be between or equal to 1 and 8")
 
-    monkeypatch.setattr(stream, "apply_seeded", broken)
+    import maevit.data.split as split  # the worker dataset applies the transforms
+
+    monkeypatch.setattr(split, "apply_seeded", broken)
     loader = stream.labeled_loader("bundled:val", img_size=32, batch_size=4, train=True, num_workers=0)
     with pytest.raises(stream.TransformError, match=r"decoded fine: ValueError: bits must be"):
         next(iter(loader))

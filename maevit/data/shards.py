@@ -43,22 +43,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
+from maevit.fileio import atomic_write, publish, temporary_path
 
 from . import bundled as _bundled
-from .stream import (
-    INCOMPLETE_NAME,
-    INDEX_NAME,
-    Source,
-    _Errors,
-    _has_image,
-    _image_of,
-    _read_unit,
-    _scan_tar,
-    _where,
-    folder_source,
-    read_index,
-    resolve_source,
-)
+from .sources import INCOMPLETE_NAME, INDEX_NAME, Source, _scan_tar, folder_source, read_index, resolve_source
+from .tars import _Errors, _has_image, _image_of, _read_unit, _where
 from .transforms import DEFAULT_MAX_PIXELS, ImageTooLargeError, check_pixels, to_rgb
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -119,7 +108,7 @@ class _ShardSink:
 
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
+        self._tmp = temporary_path(self.out_dir / name, hidden=True)
         self._tf = tarfile.open(self._tmp, "w", format=tarfile.GNU_FORMAT)
         self.shards.append({"name": name, "count": 0, "bytes": 0})
         self._count = self._bytes = 0
@@ -128,10 +117,7 @@ class _ShardSink:
         if self._tf is None:
             return
         self._tf.close()
-        with open(self._tmp, "rb") as f:
-            os.fsync(f.fileno())
-        final = self.out_dir / self.shards[-1]["name"]
-        os.replace(self._tmp, final)
+        final = publish(self._tmp, self.out_dir / self.shards[-1]["name"])
         self.shards[-1].update(count=self._count, bytes=final.stat().st_size)
         self._tf = None
         if self.on_close is not None:
@@ -258,10 +244,9 @@ def _write_locked(items, classes, src, src_desc, out: Path, samples_per_shard, m
         )
 
     def save_progress(shards: list[dict[str, Any]], items_done: int, bad: list[str]) -> None:
-        tmp = out / f".{INCOMPLETE_NAME}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"format": "maevit-shards-write-progress", "plan": plan, "items": len(items),
-                                   "items_done": items_done, "shards": shards, "bad": bad}, indent=1) + "\n")
-        os.replace(tmp, progress_file)
+        text = json.dumps({"format": "maevit-shards-write-progress", "plan": plan, "items": len(items),
+                           "items_done": items_done, "shards": shards, "bad": bad}, indent=1) + "\n"
+        atomic_write(progress_file, lambda tmp: tmp.write_text(text), hidden=True)
 
     start = resume["items_done"] if resume else 0
     bad: list[str] = list(resume["bad"]) if resume else []
@@ -342,9 +327,8 @@ def _write_locked(items, classes, src, src_desc, out: Path, samples_per_shard, m
         "skipped": len(bad),
         "made_with": made_with,
     }
-    tmp = out / f".{INDEX_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)  # written last: from now on the folder is a complete dataset
+    # written last: from now on the folder is a complete dataset
+    atomic_write(out / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=1) + "\n"), hidden=True)
     progress_file.unlink(missing_ok=True)
     for line in bad[:20]:
         print(f"skipped unreadable image {line}", file=sys.stderr)

@@ -14,7 +14,7 @@ Layouts (:func:`detect_format`):
 - ``hf_vitmae``: Hugging Face ``ViTMAEForPreTraining`` / ``ViTMAEModel``
   (:mod:`maevit.models.hf_vitmae`).
 
-Family-specific names (a timm DeiT's ``dist_token``, Hugging Face CvT, ...) are
+Family-specific names (a timm DeiT's distillation token, Hugging Face CvT, ...) are
 mapped by each family's ``checkpoint_filter``, which also resizes position
 tables to the model's grid.
 
@@ -40,6 +40,9 @@ import torch
 from torch import nn
 
 from maevit.fileio import save_safetensors_atomic
+from maevit.runlayout import (
+    CHECKPOINTS_DIR, EMA_PREFIX, ENCODER_FILE, LATEST_FILE, STATE_FILE, STATE_FILE_PREFIXES,
+)
 
 from .errors import CheckpointError
 
@@ -47,12 +50,6 @@ FORMAT = "maevit"
 FORMAT_VERSION = "2"
 FORMATS = ("maevit_mae", "encoder", "mae_published", "hf_vitmae")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-# files in a checkpoint directory that hold training state, not model weights (Accelerate's
-# names and maevit.train.runs' generators_<rank>.safetensors)
-_STATE_FILE_PREFIXES = (
-    "optimizer", "scheduler", "scaler", "random_states", "sampler", "custom_checkpoint", "generators",
-)
-TRAINER_STATE = "trainer_state.json"
 
 
 # --------------------------------------------------------------------------- locating
@@ -81,9 +78,9 @@ def find_weights_file(path: str | os.PathLike) -> Path:
         return path
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt_root = path / "checkpoints"
+    ckpt_root = path / CHECKPOINTS_DIR
     if ckpt_root.is_dir():
-        latest = ckpt_root / "latest"
+        latest = ckpt_root / LATEST_FILE
         if latest.is_file() and latest.suffix not in WEIGHT_SUFFIXES:
             target = ckpt_root / latest.read_text().strip()  # a pointer file naming the latest
             if not target.exists():
@@ -92,19 +89,19 @@ def find_weights_file(path: str | os.PathLike) -> Path:
         if latest.exists():
             return find_weights_file(latest)
         # skip half-written entries ('.tmp-...') and hidden files
-        numbered = [p for p in ckpt_root.iterdir()
-                    if re.search(r"\d+", p.name) and ".tmp" not in p.name and not p.name.startswith(".")]
+        numbered = [p for p in ckpt_root.iterdir() if re.search(r"\d+", p.name) and ".tmp" not in p.name
+                    and not p.name.startswith((".", EMA_PREFIX))]
         numbered = [p for p in numbered if p.is_dir() or p.suffix in WEIGHT_SUFFIXES]
         if numbered:
             best = max(numbered, key=lambda p: (int(re.findall(r"\d+", p.name)[-1]), p.stat().st_mtime))
             return find_weights_file(best)
     files = [p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
-    files = [p for p in files if not p.name.startswith(_STATE_FILE_PREFIXES) and ".tmp-" not in p.name]
+    files = [p for p in files if not p.name.startswith(STATE_FILE_PREFIXES) and ".tmp-" not in p.name]
 
     def rank(p: Path) -> tuple:
         if p.name == "model.safetensors":
             return (0, p.name)
-        if p.name == "encoder.safetensors":
+        if p.name == ENCODER_FILE:
             return (4, p.name)
         if p.suffix == ".safetensors":
             return (1 if p.name.startswith("model") else 2, p.name)
@@ -256,7 +253,7 @@ def read_header(src: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, 
     if src is None or isinstance(src, Mapping):
         return {}
     path = find_weights_file(src)
-    state = path.parent / TRAINER_STATE  # a training checkpoint: the header is beside the weights
+    state = path.parent / STATE_FILE  # a training checkpoint: the header is beside the weights
     if state.is_file():
         try:
             model = json.loads(state.read_text()).get("model")

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from maevit.fileio import atomic_write
+
 PRETRAIN_PANELS = (("loss (masked patches)", ("loss",)), ("learning rate", ("lr",)),
                    ("online kNN accuracy (%)", ("knn_top1", "knn_top5")))
 FINETUNE_PANELS = (("training loss", ("loss",)), ("learning rate", ("lr",)),
@@ -107,18 +109,14 @@ def save_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
     for i, (title, series) in enumerate(drawn):
         _panel(draw, i * _W, 0, title, series)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_run_curves(run_dir: str | os.PathLike, panels: Sequence[tuple[str, Sequence[str]]]) -> Path | None:
     """``RUN_DIR/curves.png`` from ``RUN_DIR/metrics.jsonl`` (None while there is nothing to draw)."""
-    from maevit.train.runs import read_metrics
+    from maevit.train.runs import RunDir, read_metrics
 
-    metrics = Path(run_dir) / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics_path
     if not metrics.is_file():
         return None
-    return save_curves(read_metrics(metrics), Path(run_dir) / "curves.png", panels)
+    return save_curves(read_metrics(metrics), RunDir(run_dir).curves_path, panels)

@@ -46,6 +46,7 @@ from torch import nn
 
 from maevit.config import ConfigError
 from maevit.models.masking import Mask
+from maevit.train.runs import RunDir
 
 # --------------------------------------------------------------------------- config
 
@@ -194,8 +195,8 @@ class Teacher(DistillationTeacher):
 def resolve_teacher_file(path: str | os.PathLike) -> Path:
     """A fine-tune run directory -> its ``classifier.safetensors``; a file stays itself."""
     path = Path(path)
-    if path.is_dir() and (path / "classifier.safetensors").is_file():
-        return path / "classifier.safetensors"
+    if path.is_dir() and RunDir(path).classifier_path.is_file():
+        return RunDir(path).classifier_path
     if not path.exists():
         raise FileNotFoundError(
             f"distill.teacher={path} does not exist: pass a run directory of `maevit finetune` (it holds "

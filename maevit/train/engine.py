@@ -389,7 +389,7 @@ def fit(task: Task) -> dict[str, Any]:
 
 def summary_fields(loop: Loop) -> dict[str, Any]:
     """The summary fields every task returns."""
-    curves = loop.run.root / "curves.png"
+    curves = loop.run.curves_path
     return {"step": loop.step, "epoch": loop.epoch, "skipped": loop.skipped, "run_dir": str(loop.run.root),
             "resumed_from": str(loop.resumed_from) if loop.resumed_from else None,
             "num_processes": loop.acc.num_processes, "curves": str(curves) if curves.is_file() else None}

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from maevit.models.contract import extra_heads
+from maevit.train.runs import RunDir
 
 
 @dataclass
@@ -226,8 +227,8 @@ def load_classifier(path: str | os.PathLike, *, name: str | None = None, img_siz
     from maevit.models.weights import encoder_state_dict
 
     p = Path(path)
-    if p.is_dir() and (p / "classifier.safetensors").is_file():
-        p = p / "classifier.safetensors"
+    if p.is_dir() and RunDir(p).classifier_path.is_file():
+        p = RunDir(p).classifier_path
     header = read_header(p)
     if header.get("kind") not in (None, "classifier"):
         raise CheckpointError(f"{path} holds an {header['kind']}, not a classifier: fine-tune it first "

@@ -40,7 +40,7 @@ from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, RunBase
 
 logger = logging.getLogger("maevit.finetune")
 
-CLASSIFIER_FILE = "classifier.safetensors"
+CLASSIFIER_FILE = runs.CLASSIFIER_FILE
 
 
 @dataclass
@@ -243,12 +243,12 @@ class FinetuneTask(Task):
         acc, result = self.acc, self.evaluation.result
         if self.val_loader is not None and result is None:  # stopped mid-epoch or resumed at the end
             result, _ = self.evaluation.evaluate(loop, ema=False)
-        out_path = loop.run.root / CLASSIFIER_FILE
+        out_path = loop.run.classifier_path
         header = loop.s.header
         if acc.is_main_process:
             export_classifier(acc.unwrap_model(self.model), out_path, header)
             if self.ema is not None:
-                export_classifier(self.ema.ema.module, loop.run.root / "classifier_ema.safetensors", header)
+                export_classifier(self.ema.ema.module, loop.run.classifier_ema_path, header)
             save_run_curves(loop.run.root, FINETUNE_PANELS)
         return {
             **summary_fields(loop), "loss": loop.losses[-1] if loop.losses else float("nan"), "losses": loop.losses,

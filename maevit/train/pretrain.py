@@ -256,7 +256,7 @@ class PretrainTask(Task):
 
     def export(self, loop: Loop) -> dict[str, Any]:
         acc, cfg = self.acc, self.cfg
-        encoder_path = loop.run.root / "encoder.safetensors"
+        encoder_path = loop.run.encoder_path
         full_sd = acc.get_state_dict(self.model)  # collective under FSDP / DeepSpeed: every rank calls it
         if acc.is_main_process:
             export_encoder(acc.unwrap_model(self.model), encoder_path, state_dict=full_sd, mean=list(cfg.data.mean),

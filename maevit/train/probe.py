@@ -233,7 +233,7 @@ class ProbeTask(Task):
     def export(self, loop: Loop) -> dict[str, Any]:
         acc, model = self.acc, self.model
         model.head = acc.unwrap_model(model.head)
-        head_path = loop.run.root / "probe_head.safetensors"
+        head_path = loop.run.probe_head_path
         out: dict[str, Any] = {"losses": loop.losses, "top1": None, "top5": None, "run_dir": str(loop.run.root),
                                "num_processes": acc.num_processes, "head": str(head_path)}
         if self.val_loader is not None:

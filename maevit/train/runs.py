@@ -78,15 +78,14 @@ from safetensors.torch import load_file, save_file
 from maevit.config import ConfigError, to_dict
 from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
 from maevit.fileio import fsync_tree, write_text_atomic
+from maevit.runlayout import (  # the names; this module builds the paths (re-exported: runs.CKPT_PREFIX, ...)
+    CHECKPOINTS_DIR, CKPT_PREFIX, CLASSIFIER_EMA_FILE, CLASSIFIER_FILE, CONFIG_FILE, CURVES_FILE, EMA_PREFIX,
+    ENCODER_FILE, IMAGES_DIR, LATEST_FILE, METRICS_FILE, PROBE_HEAD_FILE, STATE_FILE, TMP_PREFIX, TRASH_PREFIX,
+)
 
 logger = logging.getLogger(__name__)
 
-CKPT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
-EMA_PREFIX = "ema-"
-LATEST_FILE = "latest"
-TRASH_PREFIX = ".trash-"
-_LEFTOVER_PREFIXES = (".tmp-", TRASH_PREFIX, ".old-")  # hidden names of killed saves / prunes
+_LEFTOVER_PREFIXES = (TMP_PREFIX, TRASH_PREFIX, ".old-")  # hidden names of killed saves / prunes
 
 
 class RunError(RuntimeError):
@@ -152,19 +151,42 @@ class RunDir:
 
     @property
     def config_path(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / CONFIG_FILE
 
     @property
     def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS_FILE
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS_DIR
 
     @property
     def images_dir(self) -> Path:
-        return self.root / "images"
+        return self.root / IMAGES_DIR
+
+    @property
+    def curves_path(self) -> Path:
+        return self.root / CURVES_FILE
+
+    @property
+    def encoder_path(self) -> Path:
+        """What ``maevit pretrain`` exports."""
+        return self.root / ENCODER_FILE
+
+    @property
+    def classifier_path(self) -> Path:
+        """What ``maevit finetune`` exports (and ``classifier_ema_path`` with ``run.ema``)."""
+        return self.root / CLASSIFIER_FILE
+
+    @property
+    def classifier_ema_path(self) -> Path:
+        return self.root / CLASSIFIER_EMA_FILE
+
+    @property
+    def probe_head_path(self) -> Path:
+        """What ``maevit probe`` exports."""
+        return self.root / PROBE_HEAD_FILE
 
     def checkpoint_path(self, step: int) -> Path:
         """Where the checkpoint of ``step`` is published: ``checkpoints/step-%08d``."""
@@ -387,7 +409,7 @@ def save_checkpoint(
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     name = f"{CKPT_PREFIX}{step:08d}"
-    final, tmp = run.checkpoints_dir / name, run.checkpoints_dir / f".tmp-{name}"
+    final, tmp = run.checkpoints_dir / name, run.checkpoints_dir / f"{TMP_PREFIX}{name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left behind by a killed run
         tmp.mkdir(parents=True)

@@ -1,0 +1,280 @@
+"""The loader: `StreamLoader` (epochs, exact resume by batch skipping, skip statistics) and the
+public constructors `pretrain_loader` / `labeled_loader`."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .transforms import (
+    DEFAULT_MAX_PIXELS,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    PretrainTransform,
+    labeled_transform,
+)
+
+from .sources import STAT_KEYS, DataSourceError, Source, resolve_source
+from .split import _Spec, _StreamDataset, batches_per_rank, select_fraction
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger("maevit.data.stream")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+# ---------------------------------------------------------------------------------------------
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the training loop handles it (saves a
+    # checkpoint at the next step), so loader workers must keep serving batches until it is done
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StreamLoader:
+    """Iterable over batches of one rank; see the module docstring for the split rules.
+
+    Yields `images [B, 3, H, W]` (float32, normalized) for pretraining, or
+    `(images, labels [B] int64)` for labeled data.
+
+    Attributes:
+        num_samples: samples in the source (after `label_fraction`), all ranks together.
+        class_names: class names (labeled sources) or None.
+        batch_size, rank, world_size, epoch.
+    """
+
+    def __init__(self, spec: _Spec, source: Source, *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        if spec.mode != "eval" and batches_per_rank(spec) == 0:
+            most = source.num_samples // spec.world_size
+            raise DataSourceError(
+                f"{source.description}: {source.num_samples} samples are fewer than one batch of "
+                f"{spec.batch_size} per process ({spec.world_size} process(es)): lower the batch size "
+                f"(data.batch_size) to at most {most}, or use more data."
+            )
+        self._spec, self._source = spec, source
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.class_names = source.class_names
+        self.num_samples = source.num_samples
+        self.batch_size, self.rank, self.world_size = spec.batch_size, spec.rank, spec.world_size
+        self._skipped = dict.fromkeys(STAT_KEYS, 0)
+        self._position = 0  # batches yielded in the current epoch (state_dict)
+
+    @property
+    def epoch(self) -> int:
+        return self._spec.epoch
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.class_names) if self.class_names is not None else None
+
+    def __len__(self) -> int:
+        return batches_per_rank(self._spec)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next `iter()` streams (reshuffles units, buffer and augmentation)."""
+        self._spec.epoch = int(epoch)
+
+    def skip_batches(self, n: int) -> None:
+        """Make the next `iter()` start at batch `n` of the epoch, with the data an uninterrupted
+        run would see from there. Skipped batches are read but not decoded."""
+        if n < 0:
+            raise ValueError(f"skip_batches(n) needs n >= 0, got {n}.")
+        self._spec.start_batch = int(n)
+
+    def state_dict(self) -> dict[str, int]:
+        """Position to resume from: `{"epoch", "batch"}` (batches already yielded this epoch)."""
+        return {"epoch": self._spec.epoch, "batch": self._position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.set_epoch(state["epoch"])
+        self.skip_batches(state["batch"])
+
+    def stats(self) -> dict[str, int]:
+        """Samples skipped so far by the batches this loader yielded, by kind (`STAT_KEYS`;
+        all epochs, all workers of this rank; each sample once per epoch)."""
+        return dict(self._skipped)
+
+    def _loader(self, spec: _Spec) -> Any:
+        ds = _StreamDataset(spec)
+        if spec.num_workers <= 0:
+            return iter(ds)
+        return iter(DataLoader(
+            ds, batch_size=None, num_workers=spec.num_workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor, persistent_workers=False,
+            # A private generator: creating the loader must not consume the training RNG.
+            generator=torch.Generator().manual_seed(spec.seed),
+            worker_init_fn=_ignore_sigint,
+        ))
+
+    def __iter__(self) -> Iterator[Any]:
+        spec = replace(self._spec)  # snapshot: set_epoch during iteration affects the next one only
+        self._spec.start_batch = 0  # skip_batches applies to one iteration
+        self._position = spec.start_batch
+        for item in self._loader(spec):
+            for k, v in item["skipped"].items():
+                self._skipped[k] += v
+            self._position += 1
+            if len(item["images"]) == 0:
+                continue
+            yield (item["images"], item["labels"]) if spec.labeled else item["images"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public constructors
+# ---------------------------------------------------------------------------------------------
+
+def _check_rank(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}.")
+
+
+def _pretrain_transform(decode: str) -> type:
+    if decode == "device":
+        from .device_decode import DeviceDecodeTransform
+
+        return DeviceDecodeTransform
+    return PretrainTransform
+
+
+def pretrain_loader(
+    source: Any,
+    *,
+    img_size: int | Sequence[int],
+    batch_size: int,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    mode: str = "exact",
+    samples_per_epoch: int | None = None,
+    shuffle_buffer: int = 1000,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    scale: tuple[float, float] = (0.2, 1.0),
+    allow_pipe: bool = False,
+    drop_last: bool = True,
+    draft: bool = True,
+    pin_memory: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    decode: str = "worker",
+) -> StreamLoader:
+    """MAE pretraining stream: crop-aware RandomResizedCrop + flip + normalize.
+
+    Args:
+        source: shard dir / dataset.json / pattern / list / URL / image folder / "bundled[:split]".
+        img_size: output size (int or (H, W)).
+        batch_size: per-rank batch size.
+        num_workers: DataLoader worker processes (0: in this process).
+        seed: base seed; the stream is a function of (seed, epoch, rank, world_size, num_workers).
+        rank, world_size: this process and the number of processes.
+        mode: "exact" (each sample once per epoch, see module docstring) or "resampled".
+        samples_per_epoch: epoch length for "resampled" (all ranks together; default: dataset size).
+        shuffle_buffer: samples held for shuffling (raw bytes, before decoding).
+        mean, std: normalization.
+        scale: RandomResizedCrop area range.
+        allow_pipe: accept `pipe:` shard URLs (they run shell commands).
+        drop_last: True: leave out the incomplete tail; False: wrap around to fill it.
+        draft: crop-aware reduced-scale JPEG decoding.
+        pin_memory: pin batches (GPU training).
+        max_pixels: images with more pixels are skipped and counted (`oversized_image`); None / 0: no limit.
+        decode: "worker" (decode + crop in the loader workers) or "device": workers only draw the
+            crop and flip; JPEGs are decoded by `batch.to(device)` (see `maevit.data.device_decode`).
+
+    Returns:
+        A `StreamLoader` yielding float tensors `[B, 3, H, W]` (with decode="device", batches
+        whose `.to(device)` gives that tensor).
+    """
+    if mode not in ("exact", "resampled"):
+        raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}.")
+    if decode not in ("worker", "device"):
+        raise ValueError(f"decode must be 'worker' or 'device', got {decode!r}.")
+    _check_rank(rank, world_size, batch_size, num_workers)
+    src = resolve_source(source, allow_pipe=allow_pipe, need_counts=mode == "exact")
+    if mode == "resampled" and samples_per_epoch is None and not src.counts_known:
+        raise DataSourceError("mode='resampled' on shards without counts needs samples_per_epoch "
+                              "(data.samples_per_epoch, all processes together).")
+    spec = _Spec(
+        src.units, batch_size, seed, rank, world_size, num_workers, mode, drop_last, shuffle_buffer,
+        samples_per_epoch, False, _pretrain_transform(decode)(img_size, scale=scale, draft=draft),
+        tuple(mean), tuple(std), max_pixels=max_pixels,
+    )
+    return StreamLoader(spec, src, pin_memory=pin_memory)
+
+
+def labeled_loader(
+    source: Any,
+    *,
+    img_size: int | Sequence[int],
+    batch_size: int,
+    train: bool,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    label_fraction: float | None = None,
+    label_seed: int = 0,
+    shuffle_buffer: int = 1000,
+    drop_last: bool | None = None,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    re_prob: float = 0.25,
+    color_jitter: float | None = None,
+    scale: tuple[float, float] | None = None,
+    hflip: float = 0.5,
+    interpolation: str = "bicubic",
+    crop_pct: float | None = None,
+    allow_pipe: bool = False,
+    pin_memory: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> StreamLoader:
+    """Labeled stream for fine-tuning (train=True) or evaluation (train=False).
+
+    train=True: exact epochs like `pretrain_loader` with timm's training transform.
+    train=False: resize + center crop, source order, every sample exactly once across
+    ranks, no padding (ranks may differ by one batch; the last batch may be short).
+
+    Args:
+        source: a labeled source: class-per-folder tree, shards with `.cls`, "bundled:train|val".
+        img_size: output size.
+        batch_size: per-rank batch size.
+        train: training augmentation + shuffling, or evaluation.
+        num_workers, seed, rank, world_size, shuffle_buffer, allow_pipe, pin_memory, max_pixels: as in
+            `pretrain_loader`.
+        label_fraction: use a fixed class-balanced fraction of the labels (e.g. 0.1).
+        label_seed: picks that subset; kept separate from `seed` so runs with different seeds
+            see the same labeled samples.
+        drop_last: train only (default True); eval never drops.
+        mean, std, auto_augment, re_prob, color_jitter, scale, hflip, interpolation, crop_pct:
+            transform options (see `transforms.labeled_transform`).
+
+    Returns:
+        A `StreamLoader` yielding `(images [B, 3, H, W], labels [B] int64)`.
+    """
+    _check_rank(rank, world_size, batch_size, num_workers)
+    src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
+    if src.class_names is None and not any(u.kind == "tar" for u in src.units):
+        raise DataSourceError(
+            f"{src.description} has no labels: labeled data is a class-per-folder tree "
+            f"(root/<class>/<image>) or shards with .cls members."
+        )
+    if label_fraction is not None and label_fraction < 1:
+        src = select_fraction(src, label_fraction, label_seed)
+    tf = labeled_transform(
+        img_size, train, mean=mean, std=std, auto_augment=auto_augment, re_prob=re_prob,
+        color_jitter=color_jitter, scale=scale, hflip=hflip, interpolation=interpolation, crop_pct=crop_pct,
+    )
+    spec = _Spec(
+        src.units, batch_size, seed, rank, world_size, num_workers, "exact" if train else "eval",
+        True if drop_last is None else drop_last, shuffle_buffer, None, True, tf, tuple(mean), tuple(std),
+        max_pixels=max_pixels,
+    )
+    return StreamLoader(spec, src, pin_memory=pin_memory)

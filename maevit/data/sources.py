@@ -1,0 +1,286 @@
+"""Data sources: what a `data.*` string names (shard folder, `dataset.json`, pattern, list, image folder,
+"bundled[:split]", "sample[:split]") as a list of units with sample counts; class-balanced label fractions."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+
+from . import bundled as _bundled, sample as _sample
+from .transforms import IMAGE_EXTS
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger("maevit.data.stream")
+
+
+TEXT_EXTS = ("cls", "txt", "json")
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta
+INDEX_NAME = "dataset.json"
+INCOMPLETE_NAME = "dataset.incomplete.json"  # progress of a `maevit shards write` that has not finished
+STAT_KEYS = ("corrupt_image", "oversized_image", "missing_image", "missing_label", "unreadable_shard", "bad_member")
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be used as given (missing, empty, refused, too small, unlabeled);
+    the message says what was found and what to pass instead."""
+
+
+class DataSourceNotFoundError(DataSourceError, FileNotFoundError):
+    """A data source path that does not exist, or holds no images or shards."""
+
+
+class IncompleteDatasetError(DataSourceError):
+    """A shard directory left by an interrupted `maevit shards write` (no `dataset.json` yet)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """One shard (`kind="tar"`) or one image file (`kind="file"`).
+
+    `count` is the number of samples taken from it; for a tar, `select` (sorted
+    sample positions inside the tar) restricts it to a subset (label_fraction).
+    """
+
+    url: str
+    count: int
+    kind: str = "tar"
+    label: int | None = None  # files of a class-per-folder tree
+    key: str = ""  # files: relative path without extension
+    select: tuple[int, ...] | None = None
+
+
+@dataclass
+class Source:
+    """A resolved data source: its units, class names (or None), and where it came from."""
+
+    units: list[Unit]
+    class_names: list[str] | None
+    description: str
+    counts_known: bool = True
+    indexed: bool = False  # counts from a dataset.json (not from the shards themselves)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(u.count for u in self.units)
+
+
+def _check_url(url: str, allow_pipe: bool) -> None:
+    if url.startswith("pipe:") and not allow_pipe:
+        raise DataSourceError(
+            f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands. If you trust it, pass "
+            f"allow_pipe=True (config: data.allow_pipe=true)."
+        )
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith(".") and f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                out.append(Path(dirpath) / f)
+    return out
+
+
+def folder_source(folder: str | os.PathLike) -> Source:
+    """An image folder: class-per-folder when every image sits in a first-level sub-folder.
+
+    Args:
+        folder: the root directory (searched recursively).
+    """
+    folder = Path(folder)
+    files = _list_images(folder)
+    if not files:
+        raise DataSourceNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTS)}) found under {folder}; expected an image folder, "
+            f"a class-per-folder tree or a shard directory with {INDEX_NAME}."
+        )
+    rels = [f.relative_to(folder) for f in files]
+    labeled = all(len(r.parts) >= 2 for r in rels)
+    classes = sorted({r.parts[0] for r in rels}) if labeled else None
+    cidx = {c: i for i, c in enumerate(classes or [])}
+    units = [
+        Unit(str(f), 1, "file", cidx[r.parts[0]] if labeled else None, str(r.with_suffix("")))
+        for f, r in zip(files, rels)
+    ]
+    return Source(units, classes, f"image folder {folder}")
+
+
+def read_index(path_or_url: str) -> dict[str, Any]:
+    """Load a `dataset.json` index (local path or URL)."""
+    if _is_local(path_or_url):
+        return json.loads(Path(path_or_url).read_text())
+    import webdataset as wds
+
+    with wds.gopen(path_or_url, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def check_complete(folder: str | os.PathLike) -> None:
+    """Raise `IncompleteDatasetError` if `folder` was left by an interrupted `maevit shards write`.
+
+    `dataset.json` is written last, so a folder that has one is complete. Without it, the
+    progress file `dataset.incomplete.json` (or, from older versions, a `.*.tar.tmp-*` file)
+    marks a write that did not finish: its shards are only part of the data.
+    """
+    folder = Path(folder)
+    if (folder / INDEX_NAME).is_file():
+        return
+    progress = folder / INCOMPLETE_NAME
+    if progress.is_file():
+        try:
+            info = json.loads(progress.read_text())
+            done = f"{len(info['shards'])} shards with {sum(s['count'] for s in info['shards'])} samples of {info['items']} inputs"
+        except (OSError, ValueError, KeyError, TypeError):
+            done = "some shards"
+        raise IncompleteDatasetError(
+            f"{folder} holds an interrupted `maevit shards write` ({done} written, no {INDEX_NAME} yet): "
+            f"its shards are only part of the data. Run the same `maevit shards write` command again to "
+            f"finish it (it continues where it stopped), or pass --overwrite to start over."
+        )
+    tmp = sorted(folder.glob(".*.tar.tmp-*"))
+    if tmp:
+        raise IncompleteDatasetError(
+            f"{folder} has no {INDEX_NAME} and holds {tmp[0].name}, a shard left half-written by an interrupted "
+            f"`maevit shards write`: its shards are only part of the data. Write it again with --overwrite."
+        )
+
+
+def _index_source(index_url: str, allow_pipe: bool) -> Source:
+    _check_url(index_url, allow_pipe)
+    index = read_index(index_url)
+    base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
+    units = []
+    for s in index["shards"]:
+        url = s["url"] if "url" in s else f"{base}/{s['name']}"
+        _check_url(url, allow_pipe)
+        units.append(Unit(url, int(s["count"])))
+    return Source(units, index.get("classes"), f"shard index {index_url}", indexed=True)
+
+
+def count_tar_samples(url: str) -> int:
+    """Number of samples (consecutive groups of members sharing a key) in a local tar.
+
+    Reads headers only (random-access tar: data is seeked over). A truncated tar
+    counts the samples before the damage, and a warning says it is damaged
+    (without an index, the samples after the damage cannot be counted).
+    """
+    n, damage = _scan_tar(url)
+    if damage:
+        log.warning("%s is damaged (%s): %d samples can be read; write a %s index (maevit shards write) "
+                    "to know how many were lost", url, damage, n, INDEX_NAME)
+    return n
+
+
+def _scan_tar(url: str) -> tuple[int, str | None]:
+    """(samples whose first header is intact, what is wrong with the tar or None)."""
+    from webdataset.tariterators import base_plus_ext
+
+    n, last, damage = 0, None, None
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for m in tf:
+                if not m.isreg() or _META.match(m.name) or (m.name.startswith("__") and m.name.endswith("__")):
+                    continue  # skipped the same way by webdataset's tar_file_iterator
+                key, _ = base_plus_ext(m.name)
+                if key is not None and key != last:
+                    n, last = n + 1, key
+            end = tf.offset  # just after the last member's data: the end-of-archive blocks follow
+        with open(url, "rb") as f:
+            f.seek(end)
+            tail = f.read(2 * tarfile.BLOCKSIZE)
+        if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+            damage = "truncated: no end-of-archive marker"
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        damage = f"{type(exn).__name__}: {exn}"
+    return n, damage
+
+
+def _shard_list_source(urls: list[str], allow_pipe: bool, need_counts: bool) -> Source:
+    for u in urls:
+        _check_url(u, allow_pipe)
+    if not urls:
+        raise DataSourceNotFoundError("the shard list is empty; check the pattern or directory.")
+    known = all(_is_local(u) for u in urls)
+    if known:
+        for folder in sorted({os.path.dirname(os.path.abspath(u)) for u in urls}):
+            check_complete(folder)
+    if need_counts and not known:
+        raise DataSourceError(
+            "exact epochs need per-shard sample counts, and remote shards have no local index: "
+            f"pass the URL of their {INDEX_NAME} as the source, or use mode='resampled' with "
+            "samples_per_epoch (config: data.mode=resampled data.samples_per_epoch=N)."
+        )
+    units = [Unit(u, count_tar_samples(u) if known else 1) for u in urls]
+    return Source(units, None, f"{len(urls)} shards", counts_known=known)
+
+
+def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool = True) -> Source:
+    """Turn any accepted `source` into a `Source` (list of units with counts).
+
+    Args:
+        source: shard dir / `dataset.json` / pattern / glob / list / image folder / "bundled[:split]" /
+            "sample[:split]".
+        allow_pipe: accept `pipe:` URLs.
+        need_counts: per-unit sample counts are required (exact mode).
+    """
+    if isinstance(source, Source):
+        return source
+    if _bundled.is_bundled_spec(source):
+        try:
+            return folder_source(_bundled.resolve_bundled(source))
+        except ValueError as e:  # an unknown split
+            raise DataSourceError(str(e)) from None
+    if _sample.is_sample_spec(source):
+        try:
+            return _index_source(str(_sample.resolve_sample(source) / INDEX_NAME), allow_pipe)
+        except ValueError as e:  # an unknown split
+            raise DataSourceError(str(e)) from None
+    if isinstance(source, (list, tuple)):
+        import webdataset as wds
+
+        urls = [u for s in source for u in wds.shardlists.expand_urls(str(s))]
+        return _shard_list_source(urls, allow_pipe, need_counts)
+    src = str(source)
+    _check_url(src, allow_pipe)
+    if src.endswith(".json"):
+        return _index_source(src, allow_pipe)
+    p = Path(src)
+    if _is_local(src) and p.is_dir():
+        check_complete(p)
+        if (p / INDEX_NAME).is_file():
+            return _index_source(str(p / INDEX_NAME), allow_pipe)
+        tars = sorted(p.glob("*.tar"))
+        if tars:
+            return _shard_list_source([str(t) for t in tars], allow_pipe, need_counts)
+        return folder_source(p)
+    import webdataset as wds
+
+    urls = wds.shardlists.expand_urls(src)
+    if _is_local(src) and any(c in src for c in "*?["):
+        urls = sorted(u for pat in urls for u in glob(pat))
+    if _is_local(src):
+        missing = [u for u in urls if not Path(u).exists()]
+        if missing:
+            raise DataSourceNotFoundError(
+                f"data source {src!r}: {len(missing)} path(s) do not exist (first: {missing[0]}); expected "
+                f"a shard directory, {INDEX_NAME}, a shard pattern, an image folder, 'bundled[:split]' or "
+                f"'sample[:split]'."
+            )
+    return _shard_list_source(urls, allow_pipe, need_counts)
