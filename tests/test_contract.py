@@ -126,6 +126,26 @@ def test_export_then_rebuild_from_the_file_alone(name, tmp_path):
     json.dumps(head)  # the header is plain data
 
 
+TIMM_TWINS = [n for n in MODELS if _prototype(n).encoder.timm_spec() is not None]
+
+
+@pytest.mark.parametrize("name", TIMM_TWINS)
+def test_a_classifier_file_evaluates_and_loads_into_timm(name, tmp_path):
+    """Every family with a timm twin: a classifier file rebuilds from its header alone (`maevit eval`)
+    with the same logits, and loads into the timm model the header names, strictly."""
+    from maevit.train.evaluate import load_classifier
+
+    clf = create_classifier(name, 7, **_smoke(name)).eval()
+    path = save_weights(clf.state_dict(), tmp_path / "classifier.safetensors", header_of(clf, "classifier"))
+    again, header = load_classifier(path)
+    ref = timm.create_model(header["timm_model"], pretrained=False, **header["timm_kwargs"]).eval()
+    ref.load_state_dict(load_file(str(path)), strict=True)
+    x = _images(clf)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), clf(x), atol=0, rtol=0)
+        torch.testing.assert_close(ref(x), clf(x))
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_layer_decay_groups_cover_every_parameter_once(name):
     clf = create_classifier(name, 5, **_smoke(name))

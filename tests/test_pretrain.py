@@ -176,11 +176,22 @@ def test_unknown_key_and_missing_data_are_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipes_load(recipe):
-    cfg = load_config(PretrainConfig, recipe)
+    import yaml
+
+    from maevit.config import to_dict
     from maevit.models import create_mae
 
+    cfg = load_config(PretrainConfig, recipe)
+    loaded, stated = to_dict(cfg), yaml.safe_load(recipe.read_text()) or {}
+    for section, values in stated.items():  # every key the recipe states is read as stated
+        for key, value in values.items():
+            assert loaded[section][key] == value, f"{recipe.name}: {section}.{key}"
     with torch.device("meta"):  # every override is a valid model argument (no memory for ViT-H)
-        create_mae(cfg.model.name, **cfg.model.overrides())
+        mae = create_mae(cfg.model.name, **cfg.model.overrides())
+    assert tuple(mae.encoder.img_size) == (cfg.model.img_size, cfg.model.img_size)
+    if cfg.model.patch_size is not None:
+        assert mae.patch_size == cfg.model.patch_size
+    assert mae.encoder.model_name == cfg.model.name
 
 
 @pytest.mark.slow

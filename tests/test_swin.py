@@ -185,20 +185,3 @@ def test_bad_geometry_is_a_clear_error():
         create_encoder(NAME, **{**SMALL, "img_size": 112})
     with pytest.raises(ValueError, match="window_size that divides"):
         create_encoder(NAME, **{**SMALL, "window_size": 5})
-
-
-def test_a_classifier_file_evaluates_and_loads_into_timm(tmp_path):
-    from safetensors.torch import load_file
-
-    from maevit.models.weights import header_of, save_weights
-    from maevit.train.evaluate import load_classifier
-
-    clf = create_classifier(NAME, 7, **SMALL).eval()
-    path = save_weights(clf.state_dict(), tmp_path / "classifier.safetensors", header_of(clf, "classifier"))
-    again, header = load_classifier(path)  # maevit eval's loader: head.fc, not head
-    ref = timm.create_model(header["timm_model"], pretrained=False, **header["timm_kwargs"]).eval()
-    ref.load_state_dict(load_file(str(path)), strict=True)
-    x = torch.randn(2, 3, 128, 128)
-    with torch.no_grad():
-        torch.testing.assert_close(again.eval()(x), clf(x), atol=0, rtol=0)
-        torch.testing.assert_close(ref(x), clf(x))

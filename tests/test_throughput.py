@@ -86,6 +86,15 @@ def test_gpu_peak_table():
     assert gpu_peak_tflops("Tesla V100-SXM2-16GB", "bf16") is None
 
 
+def test_matmul_rate_is_flops_over_the_best_time(monkeypatch):
+    """The rate is 2 n^3 FLOPs over the fastest call: with a clock that advances 1 ms per reading, every
+    call takes exactly 1 ms, whatever the machine."""
+    clock = iter(i * 1e-3 for i in range(10**6))
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: next(clock))
+    rates = perf.matmul_tflops(("fp32", "bf16"), n=64, budget_s=0.02)
+    assert rates == {"fp32": pytest.approx(2 * 64**3 / 1e-3 / 1e12), "bf16": pytest.approx(2 * 64**3 / 1e-3 / 1e12)}
+
+
 def test_cpu_matmul_peak_is_measured_and_cached():
     first = perf.cpu_matmul_tflops(("fp32",), n=256, budget_s=0.05)["fp32"]
     assert 1e-4 < first < 100  # TFLOP/s: any CPU

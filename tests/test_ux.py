@@ -294,12 +294,33 @@ def test_curves_panels_follow_the_metrics(tmp_path):
 
     from maevit.train.curves import FINETUNE_PANELS, PRETRAIN_PANELS, save_curves
 
+    from maevit.train.curves import _COLORS, _T
+
+    def line(im, panel, color):
+        """Mean height (pixel row) of a series' pixels in the left and the right third of a panel's plot."""
+        px = im.load()
+        pts = [(x, y) for x in range(panel * 440, (panel + 1) * 440) for y in range(_T, 250) if px[x, y] == color]
+        assert pts, f"no line of colour {color} in panel {panel}"
+        xs = sorted(x for x, _ in pts)
+        lo, hi = xs[len(xs) // 3], xs[2 * len(xs) // 3]
+        left, right = [y for x, y in pts if x <= lo], [y for x, y in pts if x >= hi]
+        return sum(left) / len(left), sum(right) / len(right)
+
     rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3 * s} for s in range(1, 20)]
     with Image.open(save_curves(rows, tmp_path / "a.png", PRETRAIN_PANELS)) as im:
         assert im.size == (2 * 440, 250)  # no kNN rows: no kNN panel
+        im = im.convert("RGB")
+        left, right = line(im, 0, _COLORS[0])
+        assert left < right  # the loss falls: its line ends lower (larger row) than it starts
+        left, right = line(im, 1, _COLORS[0])
+        assert left > right  # the lr rises
     rows += [{"step": 0, "knn_top1": 10.0, "knn_top5": 50.0}, {"step": 19, "knn_top1": 40.0, "knn_top5": 80.0}]
     with Image.open(save_curves(rows, tmp_path / "b.png", PRETRAIN_PANELS)) as im:
         assert im.size == (3 * 440, 250)
+        im = im.convert("RGB")
+        top1, top5 = line(im, 2, _COLORS[0]), line(im, 2, _COLORS[1])  # two series, two colours
+        assert top5[0] < top1[0] and top5[1] < top1[1]  # top-5 above top-1 all along
+        assert top1[0] > top1[1]  # rising
     assert save_curves([{"step": 1}], tmp_path / "c.png", FINETUNE_PANELS) is None
 
 
