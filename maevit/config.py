@@ -215,8 +215,10 @@ def load_config(
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as plain YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as plain YAML (atomically)."""
+    from maevit.fileio import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- help text

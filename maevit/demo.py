@@ -37,6 +37,74 @@ def _recipe(kind: str) -> Path:
     return REPO / kind / "demo.yaml"
 
 
+def find_recipes(model: str | None) -> tuple[dict[str, Path], str | None]:
+    """The demo's recipes for ``--model`` (a registered model or a family name), and the model name to use.
+
+    Without ``--model``, and for the family of ``pretrain/demo.yaml``'s model, the demo recipes
+    themselves; for another family, its small-image recipes ``pretrain/cifar10_<family>.yaml`` and
+    ``finetune/cifar10_<family>.yaml``, whose ``model`` sections replace the demo recipes' (the
+    budget, data and run settings stay the demo's).
+
+    Returns:
+        ``({"pretrain": path, "finetune": path}, model name or None)``; the paths are the demo
+        recipes when the family's own are not needed.
+
+    Raises:
+        ConfigError: an unknown name, or a family without small-image recipes (saying what exists).
+    """
+    import yaml
+
+    from maevit.config import ConfigError
+    from maevit.models import list_models, model_info
+
+    demo = {kind: _recipe(kind) for kind in ("pretrain", "finetune")}
+    if model is None:
+        return demo, None
+    families = sorted({model_info(n).family for n in list_models()})
+    if model in list_models():
+        family, name = model_info(model).family, model
+    elif model in families:
+        family, name = model, None
+    else:
+        raise ConfigError(f"--model {model}: not a registered model or family; families: {', '.join(families)} "
+                          "(`maevit models` lists the models)")
+    demo_model = (yaml.safe_load(demo["pretrain"].read_text()) or {}).get("model", {}).get("name")
+    if demo_model and model_info(demo_model).family == family:
+        return demo, name
+    own = {kind: REPO / kind / f"cifar10_{family}.yaml" for kind in ("pretrain", "finetune")}
+    missing = [str(p.relative_to(REPO)) for p in own.values() if not p.is_file()]
+    if missing:
+        have = sorted(f for f in families if all((REPO / k / f"cifar10_{f}.yaml").is_file() for k in own))
+        raise ConfigError(f"--model {model}: the {family} family has no small-image recipe ({' and '.join(missing)} "
+                          f"not found); the demo runs {', '.join(sorted({model_info(demo_model).family, *have}))}")
+    return own, name
+
+
+def _demo_config(cls: type, kind: str, recipes: dict[str, Path], model: str | None, overrides: list[str]):
+    """The demo recipe of ``kind``, with the ``model`` section of ``recipes[kind]`` when that is another
+    family's recipe (and ``model.name`` when ``--model`` named a model), then ``overrides``."""
+    import yaml
+
+    from maevit.config import from_dict, merge, parse_overrides
+
+    data = yaml.safe_load(_recipe(kind).read_text()) or {}
+    if recipes[kind] != _recipe(kind):
+        data["model"] = dict((yaml.safe_load(recipes[kind].read_text()) or {}).get("model") or {})
+    if model is not None:
+        data.setdefault("model", {})["name"] = model
+    return from_dict(cls, merge(data, parse_overrides(overrides)))
+
+
+def _apply(cfg: Any, overrides: list[str]) -> None:
+    """Set ``key=value`` overrides on a config object (validated as when loading)."""
+    from maevit.config import from_dict, merge, parse_overrides, to_dict
+
+    if overrides:
+        fresh = from_dict(type(cfg), merge(to_dict(cfg), parse_overrides(overrides)))
+        for section in vars(fresh):
+            setattr(cfg, section, getattr(fresh, section))
+
+
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     """``pretrain.K=V`` / ``finetune.K=V`` -> the two lists; a bare ``K=V`` goes to pretraining."""
     pre, fine = [], []
@@ -93,14 +161,28 @@ class Demo:
 
 
 def _arch(cfg) -> dict[str, Any]:
-    """The encoder's build arguments from the pretraining config, for both fine-tunes."""
+    """The encoder's architecture from the pretraining config, for both fine-tunes: read from the
+    encoder contract (its name and build arguments), so any family works."""
     from maevit.models import create_mae
 
     mae = create_mae(cfg.model.name, **cfg.model.overrides())
     enc = mae.encoder
-    return {"patch_size": int(mae.patch_size), "embed_dim": int(enc.embed_dim), "depth": len(enc.blocks),
-            "num_heads": int(enc.blocks[0].attn.num_heads),
-            "params": sum(p.numel() for p in enc.parameters())}
+    args = {k: v for k, v in enc.build_args.items() if k not in ("img_size", "drop_path_rate")}
+    out = {"model_name": enc.model_name, "build_args": args, "patch_size": int(mae.patch_size),
+           "num_features": int(enc.num_features), "prefix_tokens": int(enc.num_prefix_tokens),
+           "params": sum(p.numel() for p in enc.parameters())}
+    for key in ("embed_dim", "depth", "num_heads"):  # the table's words for plain ViTs
+        if isinstance(args.get(key), int):
+            out[key] = args[key]
+    return out
+
+
+def _build_args(arch: dict[str, Any]) -> dict[str, Any]:
+    """Build arguments of a recorded architecture (demos recorded before build_args: ViT sizes)."""
+    if "build_args" in arch:
+        return dict(arch["build_args"])
+    return {"patch_size": arch["patch_size"], "embed_dim": arch["embed_dim"], "depth": arch["depth"],
+            "num_heads": arch["num_heads"]}
 
 
 def _knn(cfg, encoder_path: Path | None, arch: dict[str, Any]) -> float:
@@ -112,9 +194,9 @@ def _knn(cfg, encoder_path: Path | None, arch: dict[str, Any]) -> float:
     from maevit.train.knn import knn_accuracy
 
     torch.manual_seed(cfg.run.seed)
-    enc = create_classifier(cfg.model.name, 0, pretrained=encoder_path, img_size=cfg.model.img_size,
-                            patch_size=arch["patch_size"], global_pool="token", embed_dim=arch["embed_dim"],
-                            depth=arch["depth"], num_heads=arch["num_heads"])
+    pool = "token" if arch.get("prefix_tokens", 1) else None  # MAE's probe reads the class token where there is one
+    enc = create_classifier(arch.get("model_name", cfg.model.name), 0, pretrained=encoder_path,
+                            img_size=cfg.model.img_size, global_pool=pool, **_build_args(arch))
     kw = dict(img_size=cfg.model.img_size, batch_size=256, train=False, num_workers=0,
               mean=cfg.data.mean, std=cfg.data.std)
     with torch.no_grad():
@@ -127,10 +209,13 @@ def _table(demo: Demo, settings: dict[str, Any]) -> str:
     """The comparison, as plain text."""
     st = demo.stages
     pt, arch = st.get("pretrain", {}), st.get("arch", {})
+    size = (f"{arch.get('embed_dim')} wide, {arch.get('depth')} blocks" if "depth" in arch or "build_args" not in arch
+            else f"{arch.get('model_name')}, {arch.get('num_features')} features")
+    what = "ViT" if "build_args" not in arch or arch.get("model_name", "").startswith("mae_vit_") else "encoder"
     lines = [
         "",
-        "maevit demo: MAE-pretrained vs from scratch, same ViT "
-        f"({arch.get('embed_dim')} wide, {arch.get('depth')} blocks, patch {arch.get('patch_size')} at "
+        f"maevit demo: MAE-pretrained vs from scratch, same {what} "
+        f"({size}, patch {arch.get('patch_size')} at "
         f"{settings.get('img_size')} px, {arch.get('params', 0) / 1e6:.1f}M parameters)",
         f"data: {pt.get('train')} ({pt.get('train_images')} photos) for pretraining and fine-tuning; "
         f"top-1 on {pt.get('val')} ({pt.get('val_images')} photos)",
@@ -186,7 +271,7 @@ def _where(demo: Demo) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``maevit demo [--out runs/demo] [--fresh] [--full] [--seed N] [pretrain.K=V | finetune.K=V ...]``."""
+    """``maevit demo [--out runs/demo] [--model NAME] [--fresh] [--full] [--seed N] [pretrain.K=V | finetune.K=V ...]``."""
     parser = argparse.ArgumentParser(prog="maevit demo", description=__doc__.splitlines()[0],
                                      epilog="overrides: pretrain.KEY=VALUE or finetune.KEY=VALUE (keys as in "
                                             "pretrain/demo.yaml and finetune/demo.yaml; a bare KEY=VALUE goes to "
@@ -196,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="also fine-tune both on 100%% of the labels")
     parser.add_argument("--seed", type=int, default=0, help="seed of pretraining and fine-tuning (default 0)")
     parser.add_argument("--no-finetune", action="store_true", help="pretraining (and kNN) only")
+    parser.add_argument("--model", default=None, help="a registered model or a family (e.g. swin): the demo at "
+                        "that family's small-image recipe (default: pretrain/demo.yaml's ViT)")
     parser.add_argument("overrides", nargs="*", help="pretrain.KEY=VALUE / finetune.KEY=VALUE")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from maevit.config import ConfigError, load_config
+    from maevit.config import ConfigError
     from maevit.train.finetune import FinetuneConfig, finetune
     from maevit.train.pretrain import PretrainConfig, train
     from maevit.train.runs import RunDir
@@ -216,14 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     pre_ov, fine_ov = _split_overrides(args.overrides)
     tags = [] if args.no_finetune else ["10", "100"] if args.full else ["10"]
     try:
-        pcfg = load_config(PretrainConfig, _recipe("pretrain"),
-                           [f"run.dir={out / 'pretrain'}", f"run.seed={args.seed}", *pre_ov])
-        fbase = load_config(FinetuneConfig, _recipe("finetune"), fine_ov)  # config errors before any work
+        recipes, model = find_recipes(args.model)
+        pcfg = _demo_config(PretrainConfig, "pretrain", recipes, model,
+                            [f"run.dir={out / 'pretrain'}", f"run.seed={args.seed}", *pre_ov])
+        fbase = _demo_config(FinetuneConfig, "finetune", recipes, model, fine_ov)  # config errors before any work
     except ConfigError as e:
         print(f"maevit demo: {e}", file=sys.stderr)
         return 2
     settings = {"seed": args.seed, "pretrain_overrides": pre_ov, "finetune_overrides": fine_ov,
-                "img_size": pcfg.model.img_size}
+                "img_size": pcfg.model.img_size, **({"model": args.model} if args.model else {})}
     wanted = ["pretrain", *[f"finetune-{t}-{i}" for t in tags for i in ("pretrained", "scratch")]]
     demo = Demo(out, settings)
     if args.fresh:
@@ -272,28 +360,30 @@ def main(argv: list[str] | None = None) -> int:
         print("kNN top-1 of the pretrained and of a randomly initialised encoder ...")
         demo.record("knn", {"pretrained": _knn(pcfg, Path(pt["encoder"]), arch), "random": _knn(pcfg, None, arch)})
 
-    # the same architecture for both fine-tunes, whatever the recipe says: built from the pretraining's
-    same_arch = [f"model.name={pcfg.model.name}", f"model.img_size={pcfg.model.img_size}",
-                 f"model.patch_size={arch['patch_size']}",
-                 "model.args={embed_dim: %d, depth: %d, num_heads: %d}" % (
-                     arch["embed_dim"], arch["depth"], arch["num_heads"]),
-                 f"data.mean={list(pcfg.data.mean)}", f"data.std={list(pcfg.data.std)}",
-                 f"run.precision={pt.get('precision', 'fp32')}"]  # both fine-tunes at the pretraining's precision
     frac = fbase.data.label_fraction or 1.0
     for tag in tags:
-        # all labels: the same number of optimizer steps as at the recipe's fraction (fewer epochs)
-        budget = [] if tag == "10" else [
-            "data.label_fraction=null", f"optim.epochs={max(1, round(fbase.optim.epochs * frac))}",
-            f"optim.warmup_epochs={fbase.optim.warmup_epochs * frac:g}",
-            f"run.eval_every={max(1, round(fbase.run.eval_every * frac))}"]
         for init in ("pretrained", "scratch"):
             name = f"finetune-{tag}-{init}"
             if name in demo.stages:
                 continue
-            extra = [f"model.pretrained={pt['encoder']}"] if init == "pretrained" else [
-                "model.pretrained=null", "optim.layer_decay=1.0"]
-            fcfg = load_config(FinetuneConfig, _recipe("finetune"), [
-                *same_arch, *budget, f"run.dir={out / name}", f"run.seed={args.seed}", *extra, *fine_ov])
+            fcfg = _demo_config(FinetuneConfig, "finetune", recipes, model, fine_ov)
+            # the same architecture for both fine-tunes, whatever the recipe says: the pretraining's
+            fcfg.model.name, fcfg.model.img_size = arch.get("model_name", pcfg.model.name), pcfg.model.img_size
+            fcfg.model.args = _build_args(arch)
+            fcfg.model.patch_size = fcfg.model.args.get("patch_size")  # (families with another patch argument: None)
+            fcfg.data.mean, fcfg.data.std = pcfg.data.mean, pcfg.data.std
+            fcfg.run.precision = pt.get("precision", "fp32")  # both fine-tunes at the pretraining's precision
+            fcfg.run.dir, fcfg.run.seed = str(out / name), args.seed
+            if tag != "10":  # all labels: the same number of optimizer steps as at the recipe's fraction
+                fcfg.data.label_fraction = None
+                fcfg.optim.epochs = max(1, round(fbase.optim.epochs * frac))
+                fcfg.optim.warmup_epochs = fbase.optim.warmup_epochs * frac
+                fcfg.run.eval_every = max(1, round(fbase.run.eval_every * frac))
+            if init == "pretrained":
+                fcfg.model.pretrained = pt["encoder"]
+            else:
+                fcfg.model.pretrained, fcfg.optim.layer_decay = None, 1.0
+            _apply(fcfg, fine_ov)  # the user's overrides win, as before
             print(f"\n{name}: fine-tuning {'the pretrained encoder' if init == 'pretrained' else 'from scratch'} "
                   f"on {tag}% of the labels")
             t = time.time()

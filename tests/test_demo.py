@@ -78,3 +78,51 @@ def test_demo_tiny_prints_the_comparison_and_reruns_cleanly(tmp_path, capsys):
     # other settings on the same folder: refused, with the way out
     assert main([*args, "--seed", "1"]) == 2
     assert "--fresh" in capsys.readouterr().err
+
+
+HIERA_PRETRAIN = """model:
+  name: mae_hiera_tiny_224
+  img_size: 64
+  embed_dim: 16
+  args: {stages: [1, 1, 1, 1]}
+  decoder_embed_dim: 32
+  decoder_depth: 1
+  decoder_num_heads: 2
+"""
+HIERA_FINETUNE = """model:
+  name: mae_hiera_tiny_224
+  img_size: 64
+  args: {embed_dim: 16, stages: [1, 1, 1, 1]}
+"""
+
+
+def test_demo_runs_another_family_from_its_small_image_recipe(tmp_path, capsys, monkeypatch):
+    """`maevit demo --model FAMILY`: the family's cifar10 recipes give the model, the demo recipes the budget;
+    the architecture is read from the model (no ViT attributes), and both fine-tunes rebuild it."""
+    import shutil
+
+    from maevit import demo
+
+    repo = tmp_path / "repo"
+    for kind, text in (("pretrain", HIERA_PRETRAIN), ("finetune", HIERA_FINETUNE)):
+        (repo / kind).mkdir(parents=True)
+        shutil.copy(demo.REPO / kind / "demo.yaml", repo / kind / "demo.yaml")
+        (repo / kind / "cifar10_hiera.yaml").write_text(text)
+    monkeypatch.setattr(demo, "REPO", repo)
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--model", "hiera", "pretrain.optim.max_steps=2", "pretrain.data.batch_size=16",
+            "pretrain.data.num_workers=0", "pretrain.run.progress=false", "pretrain.run.probe_train=bundled:val",
+            "pretrain.run.probe_val=bundled:val", "finetune.optim.max_steps=2", "finetune.data.batch_size=16",
+            "finetune.data.num_workers=0"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "same encoder (mae_hiera_tiny_224" in text and "fine-tune, 10% labels (500)" in text
+    a, b = (_shapes(out / f"finetune-10-{k}" / "classifier.safetensors") for k in ("pretrained", "scratch"))
+    assert a == b and any(k.startswith("blocks.") for k in a)
+
+    # a family without small-image recipes: a clear error naming what is missing and what exists
+    assert main(["--out", str(tmp_path / "other"), "--model", "mae_sret_tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain/cifar10_sret.yaml" in err and "hiera" in err and "vit" in err
+    assert main(["--out", str(tmp_path / "other"), "--model", "nonsense"]) == 2
+    assert "not a registered model or family" in capsys.readouterr().err
