@@ -116,10 +116,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: cannot read {value!r} as {_type_name(tp)}")
 
 
+def config_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config section in the order it shows them: its ``KEY_ORDER`` (a section built
+    from shared bases keeps its own order of keys), else definition order; fields it does not
+    name follow, in definition order."""
+    fields = list(dataclasses.fields(cls))
+    order = getattr(cls, "KEY_ORDER", None)
+    if not order:
+        return fields
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(fields, key=lambda f: rank.get(f.name, len(rank)))
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) mapping, validating keys and types."""
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in config_fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -138,6 +150,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples become lists) of a config dataclass."""
 
     def plain(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in config_fields(type(v))}
         if isinstance(v, tuple):
             return [plain(x) for x in v]
         if isinstance(v, list):
@@ -146,7 +160,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -287,7 +301,7 @@ def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """
     obj, hints, comments = cls(), get_type_hints(cls), _field_comments(cls)
     rows = []
-    for f in dataclasses.fields(cls):
+    for f in config_fields(cls):
         tp, value = hints[f.name], getattr(obj, f.name)
         if dataclasses.is_dataclass(tp):
             rows += config_keys(tp, f"{prefix}{f.name}.")

@@ -30,13 +30,13 @@ from maevit.train.curves import FINETUNE_PANELS, save_run_curves
 from maevit.train.distill import DistillConfig, build_teacher, distillation_loss
 from maevit.train.engine import EmaHook, Hook, Loop, Setup, Task, fit, summary_fields
 from maevit.train.evaluate import evaluate_classifier
-from maevit.train.inputs import describe_data, labeled_for_rank, num_classes_of, resolve_num_workers
+from maevit.train.inputs import describe_data, label_args, labeled_for_rank, num_classes_of, stream_args
 from maevit.train.memory import log_memory_estimate
 from maevit.train.optim import build_adamw, param_groups_layer_decay
 from maevit.train.perf import meter_for
 from maevit.train.precision import bf16_speedup, make_accelerator, resolve_run_precision
 from maevit.train.schedule import plan_for
-from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, RunBase
+from maevit.train.sections import AdamWSection, ClassifierModelSection, LabeledDataSection, RunBase
 
 logger = logging.getLogger("maevit.finetune")
 
@@ -44,10 +44,11 @@ CLASSIFIER_FILE = runs.CLASSIFIER_FILE
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ClassifierModelSection):
+    KEY_ORDER = ("name", "pretrained", "num_classes", "global_pool", "drop_path", "img_size", "patch_size", "args",
+                 "strict")
+
     name: str | None = None  # registered name; None: the one `pretrained` names (required from scratch)
-    pretrained: str | None = None  # RUN_DIR, encoder / classifier file, MAE .pth, HF / timm weights; None: scratch
-    num_classes: int | None = None  # default: the number of classes in data.train
     global_pool: Literal["avg", "token"] = "avg"  # MAE fine-tuning: avg + fc_norm
     drop_path: float = 0.1  # stochastic depth (MAE: B 0.1, L 0.2, H 0.3)
     img_size: int = 224  # fine-tuning resolution; pretrained position tables are resampled
@@ -64,20 +65,18 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    train: str = ""  # shard dir / pattern, class-per-folder tree, or "bundled[:split]"
+class DataConfig(LabeledDataSection):
+    KEY_ORDER = ("train", "val", "batch_size", "num_workers", "label_fraction", "label_seed", "auto_augment", "re_prob",
+                 "mixup", "cutmix", "smoothing", "mean", "std", "max_pixels")
+
     val: str | None = None  # evaluated after every `run.eval_every` epochs; None = no evaluation
     batch_size: int = 32  # per process (MAE: 1024 in all = 32 x 32 GPUs)
-    num_workers: int | None = None  # loader processes per rank; None: min(4, CPUs per process - 1)
-    label_fraction: float | None = None  # e.g. 0.1: a fixed, class-balanced subset of the labels
     label_seed: int = 0  # picks that subset (independent of run.seed, so all runs share it)
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment m9 (timm spec); None = off
     re_prob: float = 0.25  # random erasing
     mixup: float = 0.8  # mixup alpha (0 = off)
     cutmix: float = 1.0  # cutmix alpha (0 = off)
     smoothing: float = 0.1  # label smoothing
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: use the pretraining's
-    std: tuple[float, float, float] = IMAGENET_STD
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped and counted (64 MP); None: no limit
 
     def validate(self) -> None:
@@ -88,20 +87,20 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(AdamWSection):
+    KEY_ORDER = ("epochs", "base_lr", "layer_decay", "weight_decay", "warmup_epochs", "min_lr", "accum_steps",
+                 "clip_grad", "max_steps")
+
     epochs: int = 100  # length of the schedule (MAE: B 100, L / H 50)
     base_lr: float = 5e-4  # peak lr = base_lr x effective batch / 256 (MAE ViT-B: 5e-4)
     layer_decay: float = 0.65  # per-block lr factor (MAE: B 0.65, L / H 0.75); 1.0 = off
-    weight_decay: float = 0.05  # not on biases, norms, position tables, tokens
-    warmup_epochs: float = 5.0  # linear warm-up, then per-step cosine decay
-    min_lr: float = 1e-6  # the lr at the end of the cosine
+    min_lr: float = 1e-6
     accum_steps: int = 1  # gradient accumulation (effective batch = batch x processes x this)
     clip_grad: float | None = None  # max gradient norm; None = no clipping (MAE)
     max_steps: int | None = None  # stop early after this many optimizer steps (same schedule)
 
     def validate(self) -> None:
-        if self.accum_steps < 1:
-            raise ConfigError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+        super().validate()
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
 
@@ -167,11 +166,9 @@ class FinetuneTask(Task):
             raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
         ranks = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # the processes the Accelerator shares
         set_seed(cfg.run.seed)  # same init on every rank; numpy / random for Mixup too
-        common = dict(img_size=m.img_size, batch_size=d.batch_size, num_workers=resolve_num_workers(d.num_workers),
-                      seed=cfg.run.seed, mean=d.mean, std=d.std, max_pixels=d.max_pixels)
-        self.loader = labeled_for_rank(d.train, ranks, train=True, label_fraction=d.label_fraction,
-                                       label_seed=d.label_seed, auto_augment=d.auto_augment, re_prob=d.re_prob,
-                                       **common)
+        common = stream_args(d, img_size=m.img_size, seed=cfg.run.seed)
+        self.loader = labeled_for_rank(d.train, ranks, train=True, **common, **label_args(d),
+                                       auto_augment=d.auto_augment, re_prob=d.re_prob)
         self.val_loader = labeled_for_rank(d.val, ranks, train=False, **common) if d.val else None
         self.num_classes = num_classes_of(m.num_classes, self.loader)
         self.class_names = list(getattr(self.loader, "class_names", None) or [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from maevit.config import ConfigError
 
@@ -33,6 +34,36 @@ def describe_data(loader, batch_size: int, num_processes: int, label_fraction: f
     tail = (f"; the {left} that do not fill a batch are left out of each epoch (different ones each epoch)"
             if left > 0 else "")
     return f"training data: {what}, {len(loader)} batches of {batch_size} per process per epoch{tail}"
+
+
+def stream_args(data: Any, *, img_size: int, seed: int) -> dict[str, Any]:
+    """The loader arguments a ``data`` section sets, named in one place: batch size, workers (resolved),
+    normalisation, the image-size limit where the section has one; with the model's input size and the
+    run's seed."""
+    out = dict(img_size=img_size, batch_size=data.batch_size, num_workers=resolve_num_workers(data.num_workers),
+               seed=seed, mean=data.mean, std=data.std)
+    if hasattr(data, "max_pixels"):
+        out["max_pixels"] = data.max_pixels
+    return out
+
+
+def label_args(data: Any) -> dict[str, Any]:
+    """The label subset a labeled ``data`` section picks (``label_fraction``, ``label_seed``)."""
+    return dict(label_fraction=data.label_fraction, label_seed=data.label_seed)
+
+
+def unlabeled_for_rank(data: Any, acc, *, img_size: int, seed: int, **override: Any):
+    """This rank's unlabeled stream (pretraining) from a ``data`` section; ``override`` changes single
+    arguments (the fixed set of the reconstruction grids)."""
+    from maevit.data.stream import pretrain_loader
+
+    args = dict(
+        img_size=img_size, batch_size=data.batch_size, num_workers=data.num_workers or 0, seed=seed,
+        rank=acc.process_index, world_size=acc.num_processes, mode=data.mode, samples_per_epoch=data.samples_per_epoch,
+        shuffle_buffer=data.shuffle_buffer, mean=data.mean, std=data.std, scale=data.scale, allow_pipe=data.allow_pipe,
+        pin_memory=acc.device.type == "cuda", max_pixels=data.max_pixels, decode=data.decode,
+    )
+    return pretrain_loader(data.train, **{**args, **override})
 
 
 def labeled_for_rank(source: str, acc, *, img_size: int, batch_size: int, train: bool, num_workers: int, seed: int,

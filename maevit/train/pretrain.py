@@ -28,13 +28,13 @@ from maevit.train.command import building_model, run_recipe_command
 from maevit.train.curves import PRETRAIN_PANELS
 from maevit.train.distill import FeatureDistillConfig, StudentTokens, build_feature_teacher, feature_distill_loss
 from maevit.train.engine import Hook, Loop, Setup, Task, fit, summary_fields
-from maevit.train.inputs import describe_data, resolve_num_workers
+from maevit.train.inputs import describe_data, resolve_num_workers, unlabeled_for_rank
 from maevit.train.memory import log_memory_estimate
 from maevit.train.optim import build_adamw, param_groups
 from maevit.train.perf import compile_blocks, meter_for
 from maevit.train.precision import bf16_speedup, make_accelerator, resolve_run_precision
 from maevit.train.schedule import plan_for
-from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, RunBase
+from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, AdamWSection, DataSection, ModelSection, RunBase
 from maevit.train.step import NonFiniteLossError
 
 logger = logging.getLogger("maevit.pretrain")
@@ -42,7 +42,10 @@ __all__ = ["PretrainConfig", "train", "main", "NonFiniteLossError"]
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ModelSection):
+    KEY_ORDER = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "args", "decoder_embed_dim",
+                 "decoder_depth", "decoder_num_heads", "mask_ratio", "norm_pix_loss")
+
     name: str = "mae_vit_base_patch16"  # a registered model (`maevit models`)
     img_size: int = 224  # input side in pixels (also the crop size of the data)
     patch_size: int | None = None  # pixel side of a patch; None: the model's own
@@ -63,10 +66,12 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(DataSection):
+    KEY_ORDER = ("train", "batch_size", "num_workers", "mode", "samples_per_epoch", "shuffle_buffer", "mean", "std",
+                 "scale", "allow_pipe", "max_pixels", "decode")
+
     train: str = ""  # shard dir / pattern / URL, image folder, or "bundled"
     batch_size: int = 64  # per process; effective batch = this x processes x optim.accum_steps
-    num_workers: int | None = None  # loader processes per rank; None: min(4, CPUs per process - 1)
     mode: Literal["exact", "resampled"] = "exact"  # exact epochs, or sample shards with replacement
     samples_per_epoch: int | None = None  # resampled mode: epoch length (None: dataset size)
     shuffle_buffer: int = 1000  # samples in the shuffle buffer of each worker
@@ -85,20 +90,13 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    epochs: int = 800  # length of the schedule (MAE: 800 or 1600)
-    base_lr: float = 1.5e-4  # lr = base_lr x effective batch / 256
-    weight_decay: float = 0.05  # not on biases, norms, position tables, tokens
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE: 0.9, 0.95)
-    warmup_epochs: float = 40.0  # linear warm-up, then per-step cosine decay
-    min_lr: float = 0.0  # the lr at the end of the cosine
-    clip_grad: float | None = None  # max gradient norm; None: no clipping
-    accum_steps: int = 1  # gradient accumulation (micro-batches per optimizer step)
-    max_steps: int | None = None  # stop early after this many optimizer steps (the schedule still spans `epochs`)
+class OptimConfig(AdamWSection):
+    KEY_ORDER = ("epochs", "base_lr", "weight_decay", "betas", "warmup_epochs", "min_lr", "clip_grad", "accum_steps",
+                 "max_steps")
 
-    def validate(self) -> None:
-        if self.accum_steps < 1:
-            raise ConfigError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+    epochs: int = 800  # length of the schedule (MAE: 800 or 1600)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE: 0.9, 0.95)
+    warmup_epochs: float = 40.0
 
 
 @dataclass
@@ -133,20 +131,6 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     distill: FeatureDistillConfig = field(default_factory=FeatureDistillConfig)  # DMAE-style; off by default
-
-
-def _loader(cfg: PretrainConfig, acc, **kw):
-    from maevit.data.stream import pretrain_loader
-
-    d = cfg.data
-    args = dict(
-        img_size=cfg.model.img_size, batch_size=d.batch_size, num_workers=d.num_workers or 0, seed=cfg.run.seed,
-        rank=acc.process_index, world_size=acc.num_processes, mode=d.mode, samples_per_epoch=d.samples_per_epoch,
-        shuffle_buffer=d.shuffle_buffer, mean=d.mean, std=d.std, scale=d.scale, allow_pipe=d.allow_pipe,
-        pin_memory=acc.device.type == "cuda", max_pixels=d.max_pixels,
-        decode=d.decode,
-    )
-    return pretrain_loader(d.train, **{**args, **kw})
 
 
 def _probe_loaders(cfg: PretrainConfig, acc):
@@ -185,7 +169,8 @@ class PretrainTask(Task):
             model, img_shape, acc.device, self.precision, num_processes=acc.num_processes, peak=cfg.run.peak_tflops,
             log=acc.is_main_process)
         workers = resolve_num_workers(cfg.data.num_workers)
-        self.loader = _loader(cfg, acc, num_workers=workers)  # before open_run too: a bad source changes no files
+        self.loader = unlabeled_for_rank(  # before open_run too: a bad source changes no files
+            cfg.data, acc, img_size=cfg.model.img_size, seed=cfg.run.seed, num_workers=workers)
         self.sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
         self.probe = _probe_loaders(cfg, acc) if cfg.run.probe_every and not self.sharded else None
         return acc, model
@@ -198,8 +183,9 @@ class PretrainTask(Task):
                            "RUN_DIR`", acc.distributed_type.value)
         hooks: list[Hook] = []
         if cfg.run.viz_every and acc.is_main_process and not self.sharded:  # a fixed set: whole images, 1st batch
-            imgs = next(iter(_loader(cfg, acc, batch_size=cfg.run.viz_images, num_workers=0, rank=0, world_size=1,
-                                     scale=(1.0, 1.0), shuffle_buffer=cfg.run.viz_images)))
+            imgs = next(iter(unlabeled_for_rank(cfg.data, acc, img_size=cfg.model.img_size, seed=cfg.run.seed,
+                                                batch_size=cfg.run.viz_images, num_workers=0, rank=0, world_size=1,
+                                                scale=(1.0, 1.0), shuffle_buffer=cfg.run.viz_images)))
             hooks.append(_Grids(imgs, cfg, run))
         sched, eff_batch = plan_for(o, self.loader, cfg.data.batch_size, acc.num_processes)
         if acc.is_main_process:

@@ -19,11 +19,13 @@ from maevit.config import ConfigError
 from maevit.models import create_classifier
 from maevit.train import runs
 from maevit.train.command import building_model, run_recipe_command
-from maevit.train.inputs import describe_data, labeled_for_rank, num_classes_of, resolve_num_workers
+from maevit.train.inputs import describe_data, label_args, labeled_for_rank, num_classes_of, stream_args
 from maevit.train.precision import make_accelerator, resolve_run_precision
 from maevit.train.progress import progress_bar
 from maevit.train.schedule import clip_warmup
-from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, Precision
+from maevit.train.sections import (
+    ClassifierModelSection, LabeledDataSection, OptimSection, Precision, RunSection,
+)
 from maevit.train.evaluate import evaluate_classifier
 from maevit.train.knn import encoder_features, extract_features
 from maevit.models.weights import header_of, save_weights
@@ -34,30 +36,27 @@ logger = logging.getLogger("maevit.probe")
 
 
 @dataclass
-class ProbeModelConfig:
-    name: str | None = None  # registered name; None: the one `pretrained` names
+class ProbeModelConfig(ClassifierModelSection):
+    KEY_ORDER = ("name", "pretrained", "global_pool", "img_size", "num_classes", "args")
+
     pretrained: str | None = None  # None = a randomly initialised encoder (a baseline)
     global_pool: Literal["token", "avg"] = "token"  # MAE's probe uses the class token (families without one: avg)
-    img_size: int = 224  # input side in pixels (position tables are resampled)
-    num_classes: int | None = None  # default: the number of classes in data.train
-    args: dict[str, Any] = field(default_factory=dict)  # encoder arguments on top of the file's
 
 
 @dataclass
-class ProbeDataConfig:
+class ProbeDataConfig(LabeledDataSection):
+    KEY_ORDER = ("train", "val", "batch_size", "num_workers", "label_fraction", "label_seed", "mean", "std", "augment")
+
     train: str = ""  # labeled source: shards with .cls, class-per-folder tree, or "bundled:train"
     val: str | None = None  # evaluated at the end; None = no evaluation
     batch_size: int = 256  # per process (MAE: 16384 in all)
-    num_workers: int | None = None  # loader processes per rank; None: min(4, CPUs per process - 1)
-    label_fraction: float | None = None  # e.g. 0.1: a fixed, class-balanced subset of the labels
-    label_seed: int = 0  # picks that subset
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: use the pretraining's
-    std: tuple[float, float, float] = IMAGENET_STD
     augment: bool = False  # RandomResizedCrop + flip each epoch (published); False: features computed once
 
 
 @dataclass
-class ProbeOptimConfig:
+class ProbeOptimConfig(OptimSection):
+    KEY_ORDER = ("epochs", "lr", "weight_decay", "warmup_epochs", "min_lr")
+
     epochs: int = 90  # MAE: 90 (ViT-B), 50 (ViT-L / H)
     # LARS peak lr, the same at every batch size: the published 0.1 x 16384 / 256. LARS's trust
     # ratio sets each layer's step from |w| / |grad|, so scaling the lr down with the batch (as
@@ -65,13 +64,11 @@ class ProbeOptimConfig:
     lr: float = 6.4
     weight_decay: float = 0.0  # MAE's probe: none
     warmup_epochs: float = 10.0  # linear warm-up, then cosine; clipped to a tenth of short schedules
-    min_lr: float = 0.0  # the lr at the end of the cosine
 
 
 @dataclass
-class ProbeRunConfig:
+class ProbeRunConfig(RunSection):
     dir: str = "runs/probe"  # run directory: config, metrics, probe head, TensorBoard
-    seed: int = 0
     precision: Precision = "fp32"  # bf16 on recent GPUs; fp32 on CPU
     fresh: bool = True  # probes are short; a rerun starts over (the old one is moved aside)
 
@@ -180,10 +177,8 @@ class ProbeTask(Task):
         self.precision = resolve_run_precision(cfg.run)
         acc = self.acc = make_accelerator(self.precision, run_dir=cfg.run.dir)
         set_seed(cfg.run.seed)
-        common = dict(img_size=cfg.model.img_size, batch_size=d.batch_size,
-                      num_workers=resolve_num_workers(d.num_workers), seed=cfg.run.seed, mean=d.mean, std=d.std)
-        self.train_loader = labeled_for_rank(d.train, acc, train=d.augment, label_fraction=d.label_fraction,
-                                             label_seed=d.label_seed, **common,
+        common = stream_args(d, img_size=cfg.model.img_size, seed=cfg.run.seed)
+        self.train_loader = labeled_for_rank(d.train, acc, train=d.augment, **common, **label_args(d),
                                              **({"auto_augment": None, "re_prob": 0.0} if d.augment else {}))
         self.num_classes = num_classes_of(cfg.model.num_classes, self.train_loader)
         with building_model():
