@@ -59,7 +59,9 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma list of stages: pretrain,teacher,student,diagnose")
     a = p.parse_args()
 
-    from maevit.config import load_config
+    import yaml
+
+    from maevit.config import make_config, merge
     from maevit.train import pretrain as pt
     from maevit.train.finetune import FinetuneConfig, finetune
 
@@ -87,32 +89,32 @@ def main() -> None:
                         ft_epochs_low=a.ft_epochs_low or 3 * a.ft_epochs, teacher=a.teacher,
                         teacher_args=a.teacher_args, teacher_epochs=a.teacher_epochs, alpha=a.alpha,
                         threads=torch.get_num_threads()))
-    size = [f"model.patch_size={a.patch}", f"model.args={{depth: {a.depth}}}"]
+    size = dict(patch_size=a.patch, args={"depth": a.depth})  # the student's size, from scratch
     enc_path = out / "pretrain" / "encoder.safetensors"
     if "pretrain" in stages and not enc_path.is_file():
         t = time.time()
-        res = pt.train(load_config(pt.PretrainConfig, None, [
-            "model.name=mae_deit_tiny_patch16", "model.img_size=32", *size,
-            "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
-            f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
-            f"data.mean={list(MEAN)}", f"data.std={list(STD)}",
-            f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
-            f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=0",
-            "run.progress=false", "run.keep_last=1", "run.precision=fp32",
-        ]))
+        res = pt.train(make_config(
+            pt.PretrainConfig,
+            model=dict(name="mae_deit_tiny_patch16", img_size=32, **size, decoder_embed_dim=128, decoder_depth=2,
+                       decoder_num_heads=4),
+            data=dict(train=str(train), batch_size=128, num_workers=a.workers, mean=list(MEAN), std=list(STD)),
+            optim=dict(epochs=a.pretrain_epochs, base_lr=a.pretrain_lr, warmup_epochs=1),
+            run=dict(dir=str(out / "pretrain"), log_every=10, ckpt_every=200, viz_every=0, progress=False, keep_last=1,
+                     precision="fp32")))
         save("pretrain", dict(loss=res.get("loss"), minutes=round((time.time() - t) / 60, 1),
                               images_per_sec=res.get("images_per_sec")))
 
-    def common(fraction: float | None, epochs: int, name: str) -> list[str]:
-        return [
-            "model.img_size=32", f"data.train={train}", f"data.val={test}", "data.batch_size=64",
-            f"data.num_workers={a.workers}", f"data.label_fraction={fraction if fraction else 'null'}",
-            f"data.mean={list(MEAN)}", f"data.std={list(STD)}",
-            "data.mixup=0.8", "data.cutmix=1.0", "data.smoothing=0.1", "data.re_prob=0.25",
-            f"optim.epochs={epochs}", "optim.warmup_epochs=2", "optim.weight_decay=0.05",
-            f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20", "run.progress=false",
-            "run.precision=fp32",  # every run alike (auto could differ between runs with the timing check)
-        ]
+    def common(fraction: float | None, epochs: int, name: str) -> dict[str, dict]:
+        """The sections every fine-tune shares (merged under each run's own with maevit.config.merge)."""
+        return dict(
+            model=dict(img_size=32),
+            data=dict(train=str(train), val=str(test), batch_size=64, num_workers=a.workers,
+                      label_fraction=fraction or None, mean=list(MEAN), std=list(STD), mixup=0.8, cutmix=1.0,
+                      smoothing=0.1, re_prob=0.25),
+            optim=dict(epochs=epochs, warmup_epochs=2, weight_decay=0.05),
+            # every run alike (auto could differ between runs with the timing check)
+            run=dict(dir=str(out / name), eval_every=epochs, log_every=20, progress=False, precision="fp32"),
+        )
 
     def record(name: str, res: dict, t: float) -> None:
         row = {k: res.get(k) for k in ("top1", "top5", "top1_cls", "top1_dist") if res.get(k) is not None}
@@ -124,11 +126,9 @@ def main() -> None:
         name = f"teacher_{tag}"
         if "teacher" in stages and name not in results:
             t = time.time()
-            res = finetune(load_config(FinetuneConfig, None, [
-                f"model.name={a.teacher}", f"model.args={a.teacher_args}", "model.drop_path=0.05",
-                *common(frac, round(epochs * a.teacher_epochs), name), f"optim.base_lr={a.teacher_lr}",
-                "optim.layer_decay=1.0",
-            ]))
+            res = finetune(make_config(FinetuneConfig, **merge(common(frac, round(epochs * a.teacher_epochs), name), dict(
+                model=dict(name=a.teacher, args=yaml.safe_load(a.teacher_args) or {}, drop_path=0.05),
+                optim=dict(base_lr=a.teacher_lr, layer_decay=1.0)))))
             record(name, res, t)
     for frac, tag, epochs in plans:
         teacher = out / f"teacher_{tag}"
@@ -140,17 +140,13 @@ def main() -> None:
             if "student" not in stages or name in results:
                 continue
             t = time.time()
-            ov = [
-                "model.name=mae_deit_tiny_patch16", f"model.pretrained={pretrained if pretrained else 'null'}",
-                "model.drop_path=0.1", *common(frac, epochs, name), "optim.base_lr=1.0e-3",
+            own = dict(
+                model=dict(name="mae_deit_tiny_patch16", pretrained=str(pretrained) if pretrained else None,
+                           drop_path=0.1, **({} if pretrained else size)),
                 # layer decay only for a pretrained encoder (from scratch it would starve the lower blocks)
-                f"optim.layer_decay={0.75 if pretrained else 1.0}",
-            ]
-            if pretrained is None:
-                ov += size
-            if teach is not None:
-                ov += [f"distill.teacher={teach}", "distill.type=hard", f"distill.alpha={a.alpha}"]
-            record(name, finetune(load_config(FinetuneConfig, None, ov)), t)
+                optim=dict(base_lr=1.0e-3, layer_decay=0.75 if pretrained else 1.0),
+                **({"distill": dict(teacher=str(teach), type="hard", alpha=a.alpha)} if teach is not None else {}))
+            record(name, finetune(make_config(FinetuneConfig, **merge(common(frac, epochs, name), own))), t)
 
     if "diagnose" in stages:  # how far each student follows its teacher on the test set
         for tag in ("10", "100"):

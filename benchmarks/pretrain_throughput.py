@@ -71,7 +71,12 @@ def main() -> None:
     choice = throughput.resolve_precision(base.run.precision, device="cpu", speed_check=lambda: throughput.bf16_speedup(
         create_mae(base.model.name, **base.model.overrides()), (3, base.model.img_size, base.model.img_size)))
     print(f"# precision {base.run.precision} -> {choice}")
-    cfg = lambda: load_config(PretrainConfig, a.recipe, [*a.overrides, f"run.precision={choice.precision}"])  # noqa: E731
+
+    def cfg() -> PretrainConfig:  # a fresh config per measurement, at the resolved precision
+        c = load_config(PretrainConfig, a.recipe, a.overrides)
+        c.run.precision = choice.precision
+        return c
+
     alone, full, waits = [], [], []
     for _ in range(a.repeats):  # interleaved, so load changes on a shared machine hit both
         alone += model_alone(cfg(), a.warmup, a.steps)

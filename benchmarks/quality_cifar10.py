@@ -81,7 +81,7 @@ def main() -> None:
 
     import torch
 
-    from maevit.config import load_config
+    from maevit.config import make_config
     from maevit.train import pretrain as pt
     from maevit.train.finetune import FinetuneConfig, finetune
     from maevit.train.probe import ProbeConfig, probe
@@ -105,7 +105,7 @@ def main() -> None:
 
     model_args = json.loads(a.model_args) if a.model_args else dict(
         patch_size=a.patch, embed_dim=a.dim, depth=a.depth, num_heads=a.heads)
-    arch = [f"model.name={a.model}", f"model.img_size={a.img_size}", f"model.args={json.dumps(model_args)}"]
+    arch = dict(name=a.model, img_size=a.img_size, args=model_args)  # the model section from scratch
     enc_path = out / "pretrain" / "encoder.safetensors"
     threads = torch.get_num_threads()
     save("budget", dict(per_class=a.per_class, test_per_class=a.test_per_class, pretrain_epochs=a.pretrain_epochs,
@@ -114,16 +114,14 @@ def main() -> None:
 
     if "pretrain" in stages and not enc_path.is_file():
         t = time.time()
-        cfg = load_config(pt.PretrainConfig, None, [
-            *arch, *(f"model.decoder_{k}={v}" for k, v in zip(("embed_dim", "depth", "num_heads"),
-                                                               a.decoder.split(","))),
-            f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
-            f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
-            f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
-            "run.progress=false", "run.keep_last=1", "run.precision=fp32",
-            *([f"run.probe_every={a.probe_every}", f"run.probe_train={train}", f"run.probe_val={test}"]
-              if a.probe_every else []),
-        ])
+        decoder = dict(zip(("decoder_embed_dim", "decoder_depth", "decoder_num_heads"), map(int, a.decoder.split(","))))
+        probe_online = dict(probe_every=a.probe_every, probe_train=str(train), probe_val=str(test)) if a.probe_every else {}
+        cfg = make_config(
+            pt.PretrainConfig, model={**arch, **decoder},
+            data=dict(train=str(train), batch_size=128, num_workers=a.workers),
+            optim=dict(epochs=a.pretrain_epochs, base_lr=a.pretrain_lr, warmup_epochs=1),
+            run=dict(dir=str(out / "pretrain"), log_every=10, ckpt_every=200, viz_every=400, progress=False,
+                     keep_last=1, precision="fp32", **probe_online))
         res = pt.train(cfg)
         save("pretrain", dict(loss=res.get("loss"), minutes=round((time.time() - t) / 60, 1),
                               images_per_sec=res.get("images_per_sec")))
@@ -136,31 +134,26 @@ def main() -> None:
             return
         t = time.time()
         # from the pretraining run, the file says the architecture; from scratch, the same name and arguments
-        ov = [
-            *(["model.name=null", f"model.img_size={a.img_size}", f"model.pretrained={pretrained}"] if pretrained
-              else arch),
-            "model.drop_path=0.1",
-            f"data.train={train}", f"data.val={test}", "data.batch_size=64", f"data.num_workers={a.workers}",
-            f"data.label_fraction={fraction if fraction else 'null'}",
-            "data.mixup=0.8", "data.cutmix=1.0", "data.smoothing=0.1", "data.re_prob=0.25",
+        model = dict(name=None, img_size=a.img_size, pretrained=str(pretrained)) if pretrained else dict(arch)
+        res = finetune(make_config(
+            FinetuneConfig, model={**model, "drop_path": 0.1},
+            data=dict(train=str(train), val=str(test), batch_size=64, num_workers=a.workers,
+                      label_fraction=fraction or None, mixup=0.8, cutmix=1.0, smoothing=0.1, re_prob=0.25),
             # layer decay only makes sense for a pretrained encoder: from scratch it would just starve the
             # lower blocks of learning rate, so scratch runs use 1.0 (as DeiT does); all else is equal
-            f"optim.epochs={epochs}", "optim.base_lr=1.0e-3", f"optim.layer_decay={0.75 if pretrained else 1.0}",
-            "optim.warmup_epochs=2", "optim.weight_decay=0.05",
-            f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20", "run.precision=fp32",
-        ]
-        res = finetune(load_config(FinetuneConfig, None, ov))
+            optim=dict(epochs=epochs, base_lr=1.0e-3, layer_decay=0.75 if pretrained else 1.0, warmup_epochs=2,
+                       weight_decay=0.05),
+            run=dict(dir=str(out / name), eval_every=epochs, log_every=20, precision="fp32")))
         save(name, dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
 
     for enc_name, src in (("mae", enc_path), ("random", None)):
         if "probe" in stages and f"probe_{enc_name}" not in results:
             t = time.time()
-            res = probe(load_config(ProbeConfig, None, [
-                *([f"model.pretrained={src}", f"model.img_size={a.img_size}"] if src else arch),
-                f"data.train={train}", f"data.val={test}", "data.batch_size=256", f"data.num_workers={a.workers}",
-                f"optim.epochs={a.probe_epochs}", "optim.warmup_epochs=5", f"run.dir={out / ('probe_' + enc_name)}",
-                "run.precision=fp32",
-            ]))
+            res = probe(make_config(
+                ProbeConfig, model=dict(pretrained=str(src), img_size=a.img_size) if src else arch,
+                data=dict(train=str(train), val=str(test), batch_size=256, num_workers=a.workers),
+                optim=dict(epochs=a.probe_epochs, warmup_epochs=5),
+                run=dict(dir=str(out / ("probe_" + enc_name)), precision="fp32")))
             save(f"probe_{enc_name}", dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
         for pool in ("token", "avg"):
             key = f"knn_{enc_name}" + ("" if pool == "token" else "_avg")

@@ -228,6 +228,15 @@ def load_config(
     return from_dict(cls, data)
 
 
+def make_config(cls: type[T], **sections: typing.Mapping[str, Any]) -> T:
+    """A config from Python values, section by section: defaults <- ``sections``, with the same checks as
+    a recipe (keys, types, ranges). For code that builds configs (the demo, benchmarks)::
+
+        make_config(PretrainConfig, model={"name": "mae_vit_tiny_patch16", "img_size": 32}, run={"dir": "runs/x"})
+    """
+    return from_dict(cls, {name: dict(values) for name, values in sections.items()})
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as plain YAML (atomically)."""
     from maevit.fileio import write_text_atomic

@@ -40,6 +40,7 @@ from maevit.models.weights import save_weights
 from maevit.train import runs
 from maevit.train.curves import save_run_curves
 from maevit.train.inputs import batches_from
+from maevit.train.metrics import MetricsLogger, SkipTally
 from maevit.train.progress import progress_bar, report_progress, start_trackers
 from maevit.train.schedule import Schedule
 from maevit.train.step import StepGuard
@@ -223,8 +224,8 @@ class Loop:
         if ckpt is not None:
             self.state.update(runs.load_checkpoint(self.acc, ckpt, generators=s.generators or None))
         self.step, self.epoch, self.batch = self.state["step"], self.state["epoch"], self.state["batch"]
-        self.skips = runs.SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
-        self.metrics = runs.MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,
+        self.skips = SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
+        self.metrics = MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,
                                           resume_step=self.step if ckpt is not None else None)
         self.guard = StepGuard(self.acc.device, self.state["nonfinite_steps"])
         self.parts: dict[str, torch.Tensor] = {}  # loss parts summed on the device between log rows

@@ -1,13 +1,20 @@
-"""Run directories: layout, metrics log, atomic checkpoints and exact resume.
+"""Run directories: the layout, atomic checkpoints and exact resume; the only owner of the layout.
 
-Shared by pretraining and fine-tuning; nothing here knows about MAE. A run
+Shared by every command on the training loop (:mod:`maevit.train.engine`); nothing
+here knows about MAE. The names live in :mod:`maevit.runlayout` (so that
+``maevit.models`` can find weights in a run directory without importing this
+package); the paths are built here (:class:`RunDir`). What a run records as it
+goes (``metrics.jsonl``, skipped samples) is :mod:`maevit.train.metrics`. A run
 directory looks like this::
 
     RUN_DIR/
       .lock                        held by the process writing the run (maevit.dirlock)
       config.yaml                  the resolved config (maevit.config.save_config)
       metrics.jsonl                one JSON object per line, each with "step"
+      curves.png                   training curves (maevit.train.curves)
       images/                      PNGs written during training
+      encoder.safetensors          what the command exports: pretrain; classifier.safetensors
+                                   (+ classifier_ema.safetensors) finetune; probe_head.safetensors probe
       checkpoints/
         latest                     text: the name of the newest complete checkpoint
         step-00001200/             one complete training state
@@ -21,6 +28,7 @@ directory looks like this::
           generators_<r>.safetensors   extra torch.Generator states of rank r
           trainer_state.json       the caller's counters: step, epoch, batch, ...; written
                                    last, with the name and size of every other file
+        ema-00001200.safetensors   EMA weights beside that checkpoint (fine-tuning with run.ema)
         .tmp-step-00001300/        a checkpoint being written; never read
         .trash-step-00001000/      a checkpoint being deleted; never read
       previous-<time>/             an older run moved aside by ``fresh=True``
@@ -82,6 +90,7 @@ from maevit.runlayout import (  # the names; this module builds the paths (re-ex
     CHECKPOINTS_DIR, CKPT_PREFIX, CLASSIFIER_EMA_FILE, CLASSIFIER_FILE, CONFIG_FILE, CURVES_FILE, EMA_PREFIX,
     ENCODER_FILE, IMAGES_DIR, LATEST_FILE, METRICS_FILE, PROBE_HEAD_FILE, STATE_FILE, TMP_PREFIX, TRASH_PREFIX,
 )
+from maevit.train.metrics import MetricsLogger, SkipTally, read_metrics  # noqa: F401  (also here: runs.MetricsLogger)
 
 logger = logging.getLogger(__name__)
 
@@ -629,105 +638,3 @@ def _resume_failure(ckpt: Path, exn: BaseException) -> str:
     return (f"cannot resume from {ckpt}: {type(exn).__name__}: {str(exn).strip()[:300]}. If the model or "
             f"optimizer settings changed since it was written, pass run.fresh=true to start over (the old run "
             f"is kept), or go back to the settings in {ckpt.parent.parent / 'config.yaml'}.")
-
-
-class MetricsLogger:
-    """Append-only ``metrics.jsonl``: one JSON object per call, with ``step`` first.
-
-    Only the main process writes (``enabled``). Lines after ``resume_step``
-    (steps that will be run again: after the checkpoint being resumed, or all of
-    them when a run starts at step 0 over rows left by an attempt killed before
-    its first checkpoint) and a torn last line from a killed run are dropped, so
-    the file reads as one uninterrupted run.
-
-    Args:
-        path: the ``metrics.jsonl`` file.
-        enabled: False on non-main processes (then every call is a no-op).
-        resume_step: the step of the checkpoint being resumed; None for a run starting at step 0.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None) -> None:
-        self.path = Path(path)
-        self.enabled = enabled
-        self._file = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_file():
-            start = 0 if resume_step is None else resume_step
-            rows = read_metrics(self.path)
-            kept = [r for r in rows if r.get("step", 0) <= start]
-            if len(kept) < len(rows):
-                logger.info("%s: dropped %d rows after step %d left by an interrupted run; those steps run again",
-                            self.path, len(rows) - len(kept), start)
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most one line
-
-    def log(self, step: int, **metrics: Any) -> None:
-        """Write ``{"step": step, **metrics}``; tensors and numpy scalars become numbers."""
-        if self._file is None:
-            return
-        row = {"step": int(step)}
-        for key, value in metrics.items():
-            row[key] = value.item() if hasattr(value, "item") else value
-        self._file.write(json.dumps(row) + "\n")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> "MetricsLogger":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete rows of a ``metrics.jsonl`` (a torn last line is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-class SkipTally:
-    """Bad samples a run's loader skipped, by kind, summed over processes, continued on resume.
-
-    Each process's ``StreamLoader.stats()`` counts the samples its batches skipped; the
-    totals of the run so far are saved in the checkpoint (``state["skipped"]``) and added
-    back on the main process when resuming, so the counts match an uninterrupted run.
-
-    Args:
-        accelerator: the run's ``Accelerator``.
-        loader: a loader with ``stats() -> {kind: count}`` (``maevit.data.stream.StreamLoader``).
-        saved: ``state.get("skipped")`` of the checkpoint being resumed, else None.
-    """
-
-    def __init__(self, accelerator: Any, loader: Any, saved: Mapping[str, int] | None = None) -> None:
-        from maevit.data.stream import STAT_KEYS
-
-        self.kinds = STAT_KEYS
-        self.acc, self.loader = accelerator, loader
-        self.base = dict(saved or {}) if accelerator.is_main_process else {}
-
-    def totals(self) -> dict[str, int]:
-        """``{kind: samples}`` of all processes since step 0. Every process must call it (a reduce)."""
-        local = self.loader.stats() if hasattr(self.loader, "stats") else {}
-        counts = [int(local.get(k, 0)) + int(self.base.get(k, 0)) for k in self.kinds]
-        if self.acc.num_processes > 1:
-            t = torch.tensor(counts, dtype=torch.int64, device=self.acc.device)
-            counts = self.acc.reduce(t, reduction="sum").tolist()
-        return dict(zip(self.kinds, counts))
-
-    def report(self) -> dict[str, int]:
-        """The totals, also logged (main process) when any sample was skipped."""
-        totals = self.totals()
-        if self.acc.is_main_process and any(totals.values()):
-            logger.warning("skipped bad samples: %s (see the warnings above, or `maevit shards check`)",
-                           ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items() if v))
-        return totals
