@@ -181,6 +181,11 @@ class Task:
 
     cfg: Any
 
+    def resolve(self, cfg: Any) -> Any:
+        """The config the run uses (and saves in ``config.yaml``): ``cfg`` with what it leaves open filled in
+        (the one place for per-model defaults, e.g. from the registry); called first, before :meth:`build`."""
+        return cfg
+
     def build(self) -> tuple[Any, nn.Module]:
         """Model, data and accelerator, before the run directory is touched; returns
         ``(accelerator, model)`` (the model is checked against a checkpoint to resume)."""
@@ -213,10 +218,12 @@ class Loop:
         resumed_from: the checkpoint resumed, or None.
         saved_at: the step of the last checkpoint (-1: none).
         stopping: a stop was requested.
+        s: the task's :class:`Setup`; policy: how often it logs and checkpoints (:class:`Policy`).
+        acc / run / model / metrics: the accelerator, run directory, prepared model, metrics log.
     """
 
     def __init__(self, task: Task, s: Setup, ckpt: Path | None) -> None:
-        self.task, self.s, self.cfg = task, s, s.policy or Policy.of(task.cfg.run)
+        self.task, self.s, self.policy = task, s, s.policy or Policy.of(task.cfg.run)
         self.acc, self.run, self.model = s.acc, s.run, s.model
         self.resumed_from = ckpt
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0,
@@ -239,7 +246,7 @@ class Loop:
 
     # ------------------------------------------------------------------ the loop
     def run_all(self) -> None:
-        s, cfg = self.s, self.cfg
+        s, cfg = self.s, self.policy
         last = s.schedule.last_step
         batches_per_epoch = s.schedule.steps_per_epoch * self.acc.gradient_accumulation_steps  # ragged tail skipped
         self.bar = progress_bar(cfg.progress and self.acc.is_main_process, last, self.step)
@@ -290,7 +297,7 @@ class Loop:
                           model=self.s.header)
         for hook in self.s.hooks:
             hook.before_checkpoint(self, self.step)
-        runs.save_checkpoint(self.acc, self.run, self.step, self.state, keep_last=self.cfg.keep_last,
+        runs.save_checkpoint(self.acc, self.run, self.step, self.state, keep_last=self.policy.keep_last,
                              generators=self.s.generators or None)
         self.saved_at = self.step
         self._call("after_checkpoint")
@@ -308,7 +315,7 @@ class Loop:
     def log_row(self) -> None:
         """One metrics row (reduced over ranks: a host sync) to metrics.jsonl, the tracker and the bar."""
         s, acc = self.s, self.acc
-        read = self.guard.read(acc, self.cfg.max_nonfinite, self.task.advice())
+        read = self.guard.read(acc, self.policy.max_nonfinite, self.task.advice())
         now = time.perf_counter()
         img_s = s.eff_batch * (self.step - self._step_log) / (now - self._t_log)
         epoch = round(self.epoch + self.batch / len(s.loader), 4)
@@ -367,7 +374,7 @@ def fit(task: Task) -> dict[str, Any]:
         maevit.train.runs.RunError: the run directory is in use, the disk filled up, or the
             checkpoint cannot be resumed.
     """
-    cfg = task.cfg
+    cfg = task.cfg = task.resolve(task.cfg)
     acc, model = task.build()  # nothing written yet: a bad name, size or source changes no files
     runs.check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
@@ -378,7 +385,7 @@ def fit(task: Task) -> dict[str, Any]:
     if loop.stopping:
         acc.end_training()
         run.unlock()
-        if not loop.cfg.checkpoints:  # nothing saved: the command says "interrupted" (exit 130)
+        if not loop.policy.checkpoints:  # nothing saved: the command says "interrupted" (exit 130)
             raise KeyboardInterrupt
         raise TrainingInterrupted(loop.step, run.checkpoint_path(loop.step))
     result = task.export(loop)

@@ -7,6 +7,11 @@ warm-up + cosine, optional EMA; Accelerate for devices, precision,
 accumulation and processes; exact resume from the run directory. The result is
 ``RUN_DIR/classifier.safetensors`` whose header rebuilds it (``maevit eval``),
 and which timm loads strictly where the family has a timm twin.
+
+Fine-tuning is a task (:class:`FinetuneTask`) on the one training loop
+(:mod:`maevit.train.engine`): the loss of a batch (with a teacher's term under
+``distill.teacher``), evaluation at epoch ends and EMA as hooks, the classifier
+file at the end.
 """
 from __future__ import annotations
 

@@ -5,10 +5,12 @@ same command runs on one CPU, ``accelerate launch`` on N GPUs, or ``torchrun``
 over several nodes. The data stream is already split by rank, so it is *not*
 passed to ``accelerator.prepare`` (which would re-shard it).
 
-The loop never waits for the device inside a step (:class:`~maevit.train.step.StepGuard`):
-losses are summed on the device and read every ``run.log_every`` steps; a step
-whose gradient is not finite is skipped on the device and counted. Re-running
-the same command on a run directory resumes it exactly.
+Pretraining is a task (:class:`PretrainTask`) on the one training loop
+(:mod:`maevit.train.engine`): it builds the MAE and the stream, gives the loss of
+a batch (the masked-pixel loss, plus DMAE's feature term with ``distill.teacher``),
+draws reconstruction grids and runs the online kNN probe as hooks, and exports
+the encoder. The loop never waits for the device inside a step, skips non-finite
+steps on the device, and resumes a run directory exactly.
 """
 from __future__ import annotations
 

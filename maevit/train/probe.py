@@ -4,6 +4,12 @@ MAE's probe: frozen encoder -> pooled feature (class token after ``norm``, or th
 average for families without one) -> BatchNorm1d(affine=False) -> Linear,
 trained with LARS (no weight decay); the LARS peak lr is the same at every batch
 size (see :class:`ProbeOptimConfig`).
+
+Probing is a task (:class:`ProbeTask`) on the one training loop
+(:mod:`maevit.train.engine`), without checkpoints (probes are short and start
+fresh): features are computed once (:class:`FeatureBatches`) unless
+``data.augment``, one log row per epoch, evaluation and the head file (with its
+header, written atomically) at the end.
 """
 from __future__ import annotations
 
