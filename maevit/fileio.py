@@ -96,6 +96,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def save_image_atomic(img: Any, path: str | os.PathLike, **save_kwargs: Any) -> Path:
+    """A PIL image through :func:`atomic_write`, in the format its suffix names (``.png``, ``.jpg``, ...)."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **save_kwargs))
+
+
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:

@@ -160,8 +160,9 @@ def save_reconstruction_grid(
         note = ("Targets are norm-pix (each patch normalised to mean 0, std 1): every predicted "
                 "patch is shown with the true patch's mean and std put back, so its average colour "
                 "comes from the original.")
-    _annotate(grid, names, w * factor, pad, note).save(path)
-    return path
+    from maevit.fileio import save_image_atomic
+
+    return save_image_atomic(_annotate(grid, names, w * factor, pad, note), path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from maevit.fileio import write_text_atomic
+
 from .sample import CLASSES, ROOT, SPLITS
 from .shards import write_shards
 
@@ -73,7 +75,7 @@ def build_sample(cifar10: str | os.PathLike, out: str | os.PathLike = ROOT) -> d
             index["made_with"].pop("quality")  # not re-encoded: the original bytes
             index["made_with"].update(source=f"CIFAR-10 {cifar_split} split, first {per_class} images per class",
                                       jpeg="original CIFAR-10 JPEG bytes (quality about 75)", gzip=True)
-            (dst / "dataset.json").write_text(json.dumps(index, indent=1) + "\n")
+            write_text_atomic(dst / "dataset.json", json.dumps(index, indent=1) + "\n")
             counts[split] = index["total"]
     finally:
         if tmp is not None:

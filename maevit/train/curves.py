@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from maevit.fileio import atomic_write
+from maevit.fileio import save_image_atomic
 
 PRETRAIN_PANELS = (("loss (masked patches)", ("loss",)), ("learning rate", ("lr",)),
                    ("online kNN accuracy (%)", ("knn_top1", "knn_top5")))
@@ -109,7 +109,7 @@ def save_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
     for i, (title, series) in enumerate(drawn):
         _panel(draw, i * _W, 0, title, series)
     path = Path(path)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return save_image_atomic(img, path)
 
 
 def save_run_curves(run_dir: str | os.PathLike, panels: Sequence[tuple[str, Sequence[str]]]) -> Path | None:

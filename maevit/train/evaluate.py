@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from maevit.fileio import save_image_atomic, write_text_atomic
 from maevit.models.contract import extra_heads
 from maevit.train.runs import RunDir
 
@@ -203,10 +204,7 @@ def save_confusion_png(
             label = label.rotate(90, expand=True)
             img.paste(label, (margin + i * cell + cell // 2 - 6, margin - label.height - 4))
         draw.text((2, 2), "rows: true / columns: predicted", fill=(90, 90, 90))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return save_image_atomic(img, path)
 
 
 # ----------------------------------------------------------------------------- maevit eval
@@ -290,7 +288,7 @@ def main_eval(argv: list[str] | None = None) -> int:
         out_dir = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent)
         out_dir.mkdir(parents=True, exist_ok=True)
         png = save_confusion_png(res.confusion, out_dir / "confusion.png", names)
-        (out_dir / "eval.json").write_text(json.dumps({
+        write_text_atomic(out_dir / "eval.json", json.dumps({
             **res.summary(), "per_class": [None if math.isnan(v) else v for v in res.per_class.tolist()],
             "confusion": res.confusion.tolist(), "class_names": names, "data": a.data,
             "num_processes": acc.num_processes}, indent=1))
