@@ -329,6 +329,10 @@ def _write_locked(items, classes, src, src_desc, out: Path, samples_per_shard, m
     finally:
         if pool is not None:
             pool.shutdown()
+    if n == 0 and items:  # nothing readable: no index, so no folder that looks like an empty dataset
+        progress_file.unlink(missing_ok=True)
+        raise ValueError(f"none of the {len(items)} images under {src} could be read (first: {bad[0]}); "
+                         f"no shards were written. Check that the files are images (JPEG / PNG / WebP / BMP).")
     names = {s["name"] for s in shards}
     for stale in out.glob(f"{prefix}-*.tar"):  # overwrite: shards beyond the new count would otherwise linger
         if stale.name not in names:

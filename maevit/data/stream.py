@@ -170,12 +170,23 @@ def _is_local(url: str) -> bool:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    out = []
+    """Image files under ``folder``, in sorted walk order. Symlinked folders are followed once per real
+    folder (a link back up the tree is no loop) and a file reached by several paths is listed once
+    (the first path wins): os.walk(followlinks=True) alone does neither."""
+    out, seen_dirs, seen_files = [], set(), set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if not f.startswith(".") and f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
-                out.append(Path(dirpath) / f)
+                real_file = os.path.realpath(os.path.join(dirpath, f))
+                if real_file not in seen_files:
+                    seen_files.add(real_file)
+                    out.append(Path(dirpath) / f)
     return out
 
 
@@ -193,7 +204,12 @@ def folder_source(folder: str | os.PathLike) -> Source:
             f"a class-per-folder tree or a shard directory with {INDEX_NAME}."
         )
     rels = [f.relative_to(folder) for f in files]
-    labeled = all(len(r.parts) >= 2 for r in rels)
+    loose = [r for r in rels if len(r.parts) < 2]
+    labeled = not loose
+    if loose and len(loose) < len(rels):  # a mixed tree: say which reading was taken
+        log.warning("%s mixes %d loose images (first: %s) with %d images in sub-folders: read as one unlabeled "
+                    "folder. For class labels, move every image into a class folder (FOLDER/CLASS/IMAGE).",
+                    folder, len(loose), loose[0], len(rels) - len(loose))
     classes = sorted({r.parts[0] for r in rels}) if labeled else None
     cidx = {c: i for i, c in enumerate(classes or [])}
     units = [
