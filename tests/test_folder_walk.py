@@ -68,3 +68,21 @@ def test_folder_of_unreadable_images_is_an_error_not_zero_samples(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "none of the 3 images" in proc.stderr
     assert not (out / "dataset.json").exists()
+
+
+@pytest.mark.parametrize("via", ["index", "glob"])
+def test_unlabeled_shards_in_a_labeled_command_are_refused_up_front(tmp_path, via):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(6):
+        (root / f"{i}.jpg").write_bytes(_jpeg(i))
+    out = tmp_path / "shards"
+    write_shards(str(root), out, progress=False)
+    source = str(out) if via == "index" else str(out / "*.tar")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "maevit.cli", "finetune", "model.name=vit_tiny_patch16_224",
+                           "model.img_size=32", "model.patch_size=8", f"data.train={source}", "model.num_classes=2",
+                           "data.num_workers=0", f"run.dir={run_dir}", "run.progress=false", "--label-fraction", "0.5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "has no labels" in proc.stderr

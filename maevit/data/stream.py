@@ -1017,6 +1017,24 @@ def pretrain_loader(
     return StreamLoader(spec, src, pin_memory=pin_memory)
 
 
+def _first_tar_has_labels(src: Source, members: int = 64) -> bool:
+    """Whether the first local tar of ``src`` holds ``.cls`` members among its first ``members`` files
+    (remote tars: assumed labeled; their samples are checked as they stream)."""
+    tar = next(u for u in src.units if u.kind == "tar")
+    if not _is_local(tar.url):
+        return True
+    try:
+        with tarfile.open(tar.url, "r:") as tf:
+            for i, m in enumerate(tf):
+                if m.name.endswith(".cls"):
+                    return True
+                if i >= members:
+                    break
+    except (tarfile.TarError, OSError, EOFError):
+        return True  # a damaged tar is counted as it streams, not judged here
+    return False
+
+
 def _tar_labels(unit: Unit, errors: _Errors) -> list[int]:
     """Labels of every sample position of a tar (-1 where missing), reading only `.cls` members."""
     labels = [-1] * unit.count
@@ -1120,10 +1138,12 @@ def labeled_loader(
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
-    if src.class_names is None and not any(u.kind == "tar" for u in src.units):
+    if src.class_names is None and (src.indexed or not any(u.kind == "tar" for u in src.units)
+                                    or not _first_tar_has_labels(src)):
         raise DataSourceError(
-            f"{src.description} has no labels: labeled data is a class-per-folder tree "
-            f"(root/<class>/<image>) or shards with .cls members."
+            f"{src.description} has no labels (unlabeled data given to a labeled command): labeled data is a "
+            f"class-per-folder tree (root/<class>/<image>) or shards with .cls members (`maevit shards write` of "
+            f"a class-per-folder tree writes them)."
         )
     if label_fraction is not None and label_fraction < 1:
         src = select_fraction(src, label_fraction, label_seed)
