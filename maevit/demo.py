@@ -117,7 +117,8 @@ def _knn(cfg, encoder_path: Path | None, arch: dict[str, Any]) -> float:
     kw = dict(img_size=cfg.model.img_size, batch_size=256, train=False, num_workers=0,
               mean=cfg.data.mean, std=cfg.data.std)
     with torch.no_grad():
-        res = knn_accuracy(enc, labeled_loader(cfg.run.probe_train, **kw), labeled_loader(cfg.run.probe_val, **kw),
+        bank = labeled_loader(cfg.run.probe_train, **kw)
+        res = knn_accuracy(enc, bank, labeled_loader(cfg.run.probe_val, class_names=bank.class_names, **kw),
                            k=cfg.run.probe_k)
     return res["knn_top1"]
 

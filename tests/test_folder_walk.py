@@ -80,7 +80,7 @@ def test_unlabeled_shards_in_a_labeled_command_are_refused_up_front(tmp_path, vi
     write_shards(str(root), out, progress=False)
     source = str(out) if via == "index" else str(out / "*.tar")
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "maevit.cli", "finetune", "model.name=vit_tiny_patch16_224",
+    proc = subprocess.run([sys.executable, "-m", "maevit.cli", "finetune", "model.name=mae_vit_tiny_patch16",
                            "model.img_size=32", "model.patch_size=8", f"data.train={source}", "model.num_classes=2",
                            "data.num_workers=0", f"run.dir={run_dir}", "run.progress=false", "--label-fraction", "0.5"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -85,6 +85,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import bundled as _bundled
+from .labels import label_map
 from .transforms import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTS,
@@ -637,6 +638,7 @@ class _Spec:
     start_batch: int = 0
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     counts: list[int] = field(default_factory=list)
+    label_map: tuple[int, ...] | None = None  # data label -> model label (matched by class name)
 
     def __post_init__(self) -> None:
         self.counts = [u.count for u in self.units]
@@ -730,6 +732,10 @@ class _StreamDataset(IterableDataset):
             if "cls" not in sample:
                 raise KeyError("no .cls label")
             label = int(sample["cls"].decode("utf-8").strip())
+            if s.label_map is not None:
+                if not 0 <= label < len(s.label_map):
+                    raise KeyError(f"label {label} is outside the data's {len(s.label_map)} classes")
+                label = s.label_map[label]
         header = open_image(data)  # header only: the size is known before decoding
         check_pixels(header, s.max_pixels)
         if isinstance(s.transform, PretrainTransform):
@@ -1112,6 +1118,8 @@ def labeled_loader(
     allow_pipe: bool = False,
     pin_memory: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    class_names: Sequence[str] | None = None,
+    classes_from: str = "the model",
 ) -> StreamLoader:
     """Labeled stream for fine-tuning (train=True) or evaluation (train=False).
 
@@ -1132,6 +1140,9 @@ def labeled_loader(
         drop_last: train only (default True); eval never drops.
         mean, std, auto_augment, re_prob, color_jitter, scale, hflip, interpolation, crop_pct:
             transform options (see `transforms.labeled_transform`).
+        class_names: the model's classes (e.g. the training data's, or a classifier file's): labels
+            are mapped to them by name, and a class outside them is an error before any batch.
+        classes_from: what ``class_names`` come from, for that error message.
 
     Returns:
         A `StreamLoader` yielding `(images [B, 3, H, W], labels [B] int64)`.
@@ -1145,8 +1156,16 @@ def labeled_loader(
             f"class-per-folder tree (root/<class>/<image>) or shards with .cls members (`maevit shards write` of "
             f"a class-per-folder tree writes them)."
         )
+    mapping = None
+    if class_names is not None and src.class_names is not None:
+        mapping = label_map(src.class_names, class_names, data=src.description, model=classes_from)
+    elif class_names is not None:
+        log.warning("%s carries no class names: its integer labels are taken as indices into %s's classes",
+                    src.description, classes_from)
     if label_fraction is not None and label_fraction < 1:
         src = select_fraction(src, label_fraction, label_seed)
+    if mapping is not None:  # the loader reports the model's classes: its labels are now theirs
+        src = replace(src, class_names=list(class_names))
     tf = labeled_transform(
         img_size, train, mean=mean, std=std, auto_augment=auto_augment, re_prob=re_prob,
         color_jitter=color_jitter, scale=scale, hflip=hflip, interpolation=interpolation, crop_pct=crop_pct,
@@ -1154,6 +1173,6 @@ def labeled_loader(
     spec = _Spec(
         src.units, batch_size, seed, rank, world_size, num_workers, "exact" if train else "eval",
         True if drop_last is None else drop_last, shuffle_buffer, None, True, tf, tuple(mean), tuple(std),
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, label_map=mapping,
     )
     return StreamLoader(spec, src, pin_memory=pin_memory)

@@ -480,11 +480,13 @@ def setup_logging() -> None:
 
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Everyday mistakes that get a one-paragraph message and exit code 2, never a traceback."""
+    from maevit.data.labels import ClassMismatchError
     from maevit.data.stream import DataSourceError
     from maevit.models import CheckpointError, ModelArgumentError
     from maevit.train.runs import RunError
 
-    return ConfigError, ModelArgumentError, CheckpointError, DataSourceError, RunError, FileNotFoundError
+    return (ConfigError, ModelArgumentError, CheckpointError, DataSourceError, ClassMismatchError, RunError,
+            FileNotFoundError)
 
 
 def run_recipe_command(

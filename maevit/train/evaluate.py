@@ -275,6 +275,7 @@ def main_eval(argv: list[str] | None = None) -> int:
         model.to(acc.device)
         loader = labeled_for_rank(a.data, acc, img_size=int(model.img_size[0]), batch_size=a.batch_size, train=False,
                                   num_workers=resolve_num_workers(a.num_workers), seed=0,
+                                  class_names=header.get("class_names"), classes_from=f"the classifier {a.checkpoint}",
                                   **{k: tuple(header[k]) for k in ("mean", "std") if k in header})
         names = header.get("class_names") or getattr(loader, "class_names", None) or None
         bar = progress_bar(acc.is_main_process, len(loader), unit="batch", desc="evaluating")

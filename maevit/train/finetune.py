@@ -185,7 +185,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                   seed=cfg.run.seed, mean=d.mean, std=d.std, max_pixels=d.max_pixels)
     train_loader = labeled_for_rank(d.train, ranks, train=True, label_fraction=d.label_fraction,
                                     label_seed=d.label_seed, auto_augment=d.auto_augment, re_prob=d.re_prob, **common)
-    val_loader = labeled_for_rank(d.val, ranks, train=False, **common) if d.val else None
+    val_loader = labeled_for_rank(d.val, ranks, train=False, class_names=train_loader.class_names,
+                                  classes_from=f"the training data {d.train}", **common) if d.val else None
     num_classes = num_classes_of(m.num_classes, train_loader)
     class_names = list(getattr(train_loader, "class_names", None) or [])
     with building_model():

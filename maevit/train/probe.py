@@ -188,7 +188,8 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
     with building_model():
         encoder = create_classifier(cfg.model.name, 0, pretrained=cfg.model.pretrained,
                                     global_pool=cfg.model.global_pool, img_size=cfg.model.img_size, **cfg.model.args)
-    val_loader = labeled_for_rank(d.val, acc, train=False, **common) if d.val else None  # a bad source: no files
+    val_loader = labeled_for_rank(d.val, acc, train=False, class_names=train_loader.class_names,  # matched by name
+                                  classes_from=f"the training data {d.train}", **common) if d.val else None
     run, _ = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     start_trackers(acc, cfg)
     logger.info("%s", encoder.load_report or "model.pretrained is not set: probing a randomly initialised encoder")
