@@ -844,11 +844,14 @@ class _StreamDataset(IterableDataset):
 # ---------------------------------------------------------------------------------------------
 
 def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C reaches every process of the terminal's group: the training loop handles it (saves a
-    # checkpoint at the next step), so loader workers must keep serving batches until it is done
+    # Ctrl-C reaches every process of the terminal's group, and schedulers send SIGTERM / SIGUSR1 to every
+    # process of a job: the training loop handles them (saves a checkpoint at the next step), so loader
+    # workers must keep serving batches until it is done (they end with the loader, or when it dies)
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class StreamLoader:
