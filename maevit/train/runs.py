@@ -697,7 +697,15 @@ class MetricsLogger:
         row = {"step": int(step)}
         for key, value in metrics.items():
             row[key] = value.item() if hasattr(value, "item") else value
-        self._file.write(json.dumps(row) + "\n")
+        try:
+            self._file.write(json.dumps(row) + "\n")
+        except OSError as exn:
+            if exn.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFullError(
+                f"the disk is full: a metrics row of step {step} could not be appended to {self.path} ({exn}). "
+                f"The rows written so far and the last checkpoint are intact. Free some space (or move run.dir "
+                f"to a larger disk), then run the same command again to resume.") from None
 
     def close(self) -> None:
         if self._file is not None:
