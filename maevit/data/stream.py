@@ -362,6 +362,8 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     if src.endswith(".json"):
         return _index_source(src, allow_pipe)
     p = Path(src)
+    if _is_local(src) and p.is_file():
+        _refuse_single_file(p)
     if _is_local(src) and p.is_dir():
         check_complete(p)
         if (p / INDEX_NAME).is_file():
@@ -375,6 +377,14 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     urls = wds.shardlists.expand_urls(src)
     if _is_local(src) and any(c in src for c in "*?["):
         urls = sorted(u for pat in urls for u in glob(pat))
+        if not urls:
+            raise DataSourceNotFoundError(
+                f"data source {src!r}: the pattern matches no file (looked from {os.getcwd()}); check the "
+                f"folder and the file names it expects (shards are usually NAME-000000.tar ... : e.g. "
+                f"'shards/train-*.tar'), or pass the shard folder itself.")
+        for u in urls:
+            if Path(u).is_file():
+                _refuse_single_file(Path(u), in_pattern=src)
     if _is_local(src):
         missing = [u for u in urls if not Path(u).exists()]
         if missing:
@@ -384,6 +394,31 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
                 f"'sample[:split]'."
             )
     return _shard_list_source(urls, allow_pipe, need_counts)
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".zip", ".7z", ".rar",
+                    ".gz", ".bz2", ".xz", ".zst")
+
+
+def _refuse_single_file(path: Path, in_pattern: str | None = None) -> None:
+    """A local file that is not a shard (``.tar``) or an index: say what it is and what would work."""
+    name = path.name.lower()
+    where = f" (matched by {in_pattern!r})" if in_pattern else ""
+    if name.endswith(".tar") or name.endswith(".json"):
+        return
+    if name.endswith(ARCHIVE_SUFFIXES):
+        raise DataSourceError(
+            f"{path}{where} is a compressed archive; maevit reads plain .tar shards (webdataset), image folders "
+            f"and dataset.json indexes. Unpack it (e.g. `tar xf {path.name}` or `unzip {path.name}`) and pass the "
+            f"folder, then `maevit shards write FOLDER OUT_DIR` for fast streaming.")
+    if name.rsplit(".", 1)[-1] in IMAGE_EXTS:
+        raise DataSourceError(
+            f"{path}{where} is a single image; a data source is a folder of images (FOLDER/CLASS/IMAGE for "
+            f"labels), a shard folder or pattern, or 'sample[:split]'. Pass the folder it is in: {path.parent}.")
+    raise DataSourceError(
+        f"{path}{where} is a file that is neither a .tar shard nor a dataset.json index; expected a shard "
+        f"directory, {INDEX_NAME}, a shard pattern (e.g. 'shards/train-*.tar'), an image folder, or "
+        f"'sample[:split]'.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,6 +902,10 @@ class StreamLoader:
     """
 
     def __init__(self, spec: _Spec, source: Source, *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        if source.num_samples == 0:
+            raise DataSourceError(
+                f"{source.description} has no readable samples (see the warnings above for why); check that it "
+                f"is the data you meant, or rewrite it with `maevit shards write`.")
         if spec.mode != "eval" and batches_per_rank(spec) == 0:
             most = source.num_samples // spec.world_size
             raise DataSourceError(
@@ -1154,10 +1193,14 @@ def labeled_loader(
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
     if src.class_names is None and (src.indexed or not any(u.kind == "tar" for u in src.units)
                                     or not _first_tar_has_labels(src)):
+        hint = ""
+        if src.description.startswith("image folder "):
+            hint = (f" If {src.description[len('image folder '):]} is the folder of one class, pass the folder "
+                    f"above it (the one whose sub-folders are the classes).")
         raise DataSourceError(
             f"{src.description} has no labels (unlabeled data given to a labeled command): labeled data is a "
             f"class-per-folder tree (root/<class>/<image>) or shards with .cls members (`maevit shards write` of "
-            f"a class-per-folder tree writes them)."
+            f"a class-per-folder tree writes them).{hint}"
         )
     mapping = None
     if class_names is not None and src.class_names is not None:

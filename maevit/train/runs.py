@@ -298,6 +298,10 @@ def open_run(
         RunLockedError: another live process is writing this run directory (on every rank).
     """
     run = RunDir(root)
+    if run.root.exists() and not run.root.is_dir():
+        raise RunError(f"run.dir={run.root} is a file, not a folder: a run directory holds the config, metrics, "
+                       f"checkpoints and weights of a run. Pass another run.dir (e.g. run.dir={run.root}-run), or "
+                       f"move that file.")
     _lock(run, accelerator)
     chosen, message = None, None
     if accelerator.is_main_process:
