@@ -972,13 +972,23 @@ class StreamLoader:
         spec = replace(self._spec)  # snapshot: set_epoch during iteration affects the next one only
         self._spec.start_batch = 0  # skip_batches applies to one iteration
         self._position = spec.start_batch
+        before, yielded = dict(self._skipped), 0
         for item in self._loader(spec):
             for k, v in item["skipped"].items():
                 self._skipped[k] += v
             self._position += 1
             if len(item["images"]) == 0:
                 continue
+            yielded += 1
             yield (item["images"], item["labels"]) if spec.labeled else item["images"]
+        if yielded == 0 and spec.start_batch == 0 and batches_per_rank(spec) > 0:
+            # a whole pass without one sample: another pass would find the same (and loop forever)
+            kinds = {k: self._skipped[k] - before.get(k, 0) for k in self._skipped}
+            why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in kinds.items() if v) or "no sample was read"
+            raise DataSourceError(
+                f"{self._source.description}: a whole pass (epoch {spec.epoch}, process {spec.rank}) found no "
+                f"readable sample ({why}). Stopping instead of repeating it: check the data with "
+                f"`maevit shards check`, or rewrite it with `maevit shards write`.")
 
 
 # ---------------------------------------------------------------------------------------------
