@@ -48,6 +48,8 @@ class Range:
         return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
 
     def __str__(self) -> str:
+        if self.lo is None and self.hi is None:
+            return "any"
         if self.hi is None:
             return f"{'>' if self.lo_open else '>='} {self.lo:g}"
         if self.lo is None:
@@ -99,7 +101,7 @@ RANGES: dict[str, Range] = {
     "run.probe_k": _at_least(1), "run.ema": Range(0, 1, lo_open=True, hi_open=True),
     "run.eval_every": _at_least(1),
     # distill
-    "distill.weight": _at_least(0), "distill.student_block": _at_least(0), "distill.alpha": _UNIT,
+    "distill.weight": _at_least(0), "distill.student_block": Range(hint="a block index; negative counts from the last block"), "distill.alpha": _UNIT,
     "distill.tau": _positive(),
 }
 
