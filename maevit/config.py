@@ -121,6 +121,26 @@ def check_range(key: str, value: Any) -> None:
                           f"got {shown}{hint}")
 
 
+def ranged(kind: type, rng: Range):
+    """An argparse ``type=`` that reads ``kind`` and checks ``rng`` (for the options of ``shards``, ``eval``,
+    ``visualize``): a value outside is argparse's one-line usage error and exit 2."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value not in rng:
+            both = rng.lo is not None and rng.hi is not None
+            raise argparse.ArgumentTypeError(f"must be {'in ' if both else ''}{rng}, got {text}"
+                                             + (f" ({rng.hint})" if rng.hint else ""))
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 # words that mean "no value" on the command line and in recipes (YAML reads only null / ~ as null)
 NULL_WORDS = frozenset({"null", "Null", "NULL", "none", "None", "NONE", "~", ""})
 

@@ -187,6 +187,8 @@ def _where(demo: Demo) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``maevit demo [--out runs/demo] [--fresh] [--full] [--seed N] [pretrain.K=V | finetune.K=V ...]``."""
+    from maevit.config import Range, ranged
+
     parser = argparse.ArgumentParser(prog="maevit demo", description=__doc__.splitlines()[0],
                                      epilog="overrides: pretrain.KEY=VALUE or finetune.KEY=VALUE (keys as in "
                                             "pretrain/demo.yaml and finetune/demo.yaml; a bare KEY=VALUE goes to "
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="where the runs go (default: ./runs/demo)")
     parser.add_argument("--fresh", action="store_true", help="run again (old runs are moved aside, never deleted)")
     parser.add_argument("--full", action="store_true", help="also fine-tune both on 100%% of the labels")
-    parser.add_argument("--seed", type=int, default=0, help="seed of pretraining and fine-tuning (default 0)")
+    parser.add_argument("--seed", type=ranged(int, Range(0)), default=0,
+                        help="seed of pretraining and fine-tuning (default 0)")
     parser.add_argument("--no-finetune", action="store_true", help="pretraining (and kNN) only")
     parser.add_argument("overrides", nargs="*", help="pretrain.KEY=VALUE / finetune.KEY=VALUE")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -92,3 +92,16 @@ def test_out_of_range_on_the_command_line_is_exit_2_before_any_file(tmp_path, ov
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and override.split("=")[0] in proc.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("argv,phrase", [
+    (["shards", "write", "x", "y", "--quality", "0"], "--quality: must be in [1, 100], got 0"),
+    (["shards", "write", "x", "y", "--samples-per-shard", "0"], "--samples-per-shard: must be >= 1"),
+    (["eval", "x", "--data", "y", "--batch-size", "-3"], "--batch-size: must be >= 1"),
+    (["visualize", "x", "--mask-ratio", "1.5"], "--mask-ratio: must be in (0, 1)"),
+    (["visualize", "x", "--num-images", "many"], "expected an integer"),
+])
+def test_options_of_the_other_commands_are_range_checked(argv, phrase):
+    proc = subprocess.run([sys.executable, "-m", "maevit.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and phrase in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -257,14 +257,15 @@ def main_eval(argv: list[str] | None = None) -> int:
         building_model, labeled_for_rank, make_accelerator, progress_bar, resolve_num_workers, setup_logging,
         usage_errors,
     )
+    from maevit.config import Range, ranged
 
     p = argparse.ArgumentParser(prog="maevit eval", description=main_eval.__doc__)
     p.add_argument("checkpoint", help="fine-tuning RUN_DIR or a classifier .safetensors")
     p.add_argument("--data", required=True, help="labeled source (shards, class folders, bundled:val)")
     p.add_argument("--model", default=None, help="model name, for files that do not name theirs")
-    p.add_argument("--img-size", type=int, default=None, help="default: the classifier's")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=None, help="default: min(4, CPUs - 1)")
+    p.add_argument("--img-size", type=ranged(int, Range(1)), default=None, help="default: the classifier's")
+    p.add_argument("--batch-size", type=ranged(int, Range(1)), default=64)
+    p.add_argument("--num-workers", type=ranged(int, Range(0)), default=None, help="default: min(4, CPUs - 1)")
     p.add_argument("--out", default=None, help="where to write eval.json + confusion.png (default: beside the checkpoint)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
