@@ -91,6 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"maevit {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a folder that is read-only, a file where a folder belongs, a full disk, ...
+        from maevit.os_errors import describe_os_error, exit_code_of
+
+        paragraph = describe_os_error(e)
+        if paragraph is None:
+            raise
+        print(f"maevit {name}: error: {paragraph}", file=sys.stderr)
+        return exit_code_of(e)
+    except Exception:  # everyday mistakes were answered above: what is left is a bug of maevit's
+        import traceback
+
+        traceback.print_exc()
+        print(f"maevit {name}: this is a bug in maevit (maevit {_version()}), not a mistake in what you passed: "
+              "please report it with the traceback above and the command line.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,128 @@ class ConfigError(ValueError):
     """A config key or value that does not fit the schema."""
 
 
+# ----------------------------------------------------------------------------- ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: ``lo`` / ``hi`` (None: unbounded), each end open or closed.
+
+    A list value (e.g. ``data.mean``) is checked element by element. ``hint`` is added to the message
+    when a value falls outside (e.g. "mean / std are on the 0-1 scale").
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str = ""
+
+    def __contains__(self, x: float) -> bool:
+        if x != x:  # NaN is in no range
+            return False
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
+
+    def __str__(self) -> str:
+        if self.lo is None and self.hi is None:
+            return "any"
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def _at_least(lo: float, hint: str = "") -> Range:
+    return Range(lo, None, hint=hint)
+
+
+def _positive(hint: str = "") -> Range:
+    return Range(0, None, lo_open=True, hint=hint)
+
+
+_UNIT = Range(0, 1)
+_SCALE_HINT = "mean / std are on the 0-1 pixel scale: divide 0-255 figures by 255 (e.g. 123.7 -> 0.485)"
+
+# One table for every numeric key of every command (pretrain, finetune, probe): the schema checks
+# each value here at load time, and `--help` prints the range beside the key. A key missing here is
+# a test failure (tests/test_config.py), so a new numeric key cannot go unchecked.
+RANGES: dict[str, Range] = {
+    # model
+    "model.img_size": _at_least(1), "model.patch_size": _at_least(1), "model.embed_dim": _at_least(1),
+    "model.depth": _at_least(1), "model.num_heads": _at_least(1), "model.decoder_embed_dim": _at_least(1),
+    "model.decoder_depth": _at_least(1), "model.decoder_num_heads": _at_least(1),
+    "model.mask_ratio": Range(0, 1, lo_open=True, hi_open=True,
+                              hint="0 masks nothing (no loss) and 1 leaves the encoder nothing to see"),
+    "model.num_classes": _at_least(2, "a classifier needs at least two classes"),
+    "model.drop_path": Range(0, 1, hi_open=True),
+    # data
+    "data.batch_size": _at_least(1), "data.num_workers": _at_least(0), "data.samples_per_epoch": _at_least(1),
+    "data.shuffle_buffer": _at_least(1), "data.max_pixels": _at_least(1),
+    "data.mean": Range(0, 1, hint=_SCALE_HINT), "data.std": Range(0, 1, lo_open=True, hint=_SCALE_HINT),
+    "data.scale": Range(0, 1, lo_open=True, hint="RandomResizedCrop area fractions"),
+    "data.label_fraction": Range(0, 1, lo_open=True), "data.label_seed": _at_least(0),
+    "data.re_prob": _UNIT, "data.mixup": _at_least(0), "data.cutmix": _at_least(0),
+    "data.smoothing": Range(0, 1, hi_open=True),
+    # optim
+    "optim.epochs": _at_least(1), "optim.base_lr": _positive(), "optim.lr": _positive(),
+    "optim.weight_decay": _at_least(0), "optim.betas": Range(0, 1, hi_open=True),
+    "optim.warmup_epochs": _at_least(0), "optim.min_lr": _at_least(0), "optim.clip_grad": _positive(),
+    "optim.accum_steps": _at_least(1), "optim.max_steps": _at_least(1),
+    "optim.layer_decay": Range(0, 1, lo_open=True, hint="1.0 turns layer decay off"),
+    # run
+    "run.seed": _at_least(0), "run.log_every": _at_least(1), "run.keep_last": _at_least(1),
+    "run.max_nonfinite": _at_least(1), "run.peak_tflops": _positive(), "run.ckpt_every": _at_least(0),
+    "run.viz_every": _at_least(0), "run.viz_images": _at_least(1), "run.probe_every": _at_least(0),
+    "run.probe_k": _at_least(1), "run.ema": Range(0, 1, lo_open=True, hi_open=True),
+    "run.eval_every": _at_least(1),
+    # distill
+    "distill.weight": _at_least(0), "distill.student_block": Range(hint="a block index; negative counts from the last block"), "distill.alpha": _UNIT,
+    "distill.tau": _positive(),
+}
+
+
+def check_range(key: str, value: Any) -> None:
+    """Raise ``ConfigError`` when ``value`` (a number or a list of numbers) is outside ``RANGES[key]``."""
+    rng = RANGES.get(key)
+    if rng is None or value is None or isinstance(value, bool):
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    bad = [x for x in items if isinstance(x, (int, float)) and not isinstance(x, bool) and x not in rng]
+    if bad:
+        shown = list(value) if isinstance(value, (list, tuple)) else value
+        hint = f"; {rng.hint}" if rng.hint else ""
+        each = "each value of " if isinstance(value, (list, tuple)) else ""
+        raise ConfigError(f"{each}{key} must be {'in ' if rng.lo is not None and rng.hi is not None else ''}{rng}, "
+                          f"got {shown}{hint}")
+
+
+def ranged(kind: type, rng: Range):
+    """An argparse ``type=`` that reads ``kind`` and checks ``rng`` (for the options of ``shards``, ``eval``,
+    ``visualize``): a value outside is argparse's one-line usage error and exit 2."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value not in rng:
+            both = rng.lo is not None and rng.hi is not None
+            raise argparse.ArgumentTypeError(f"must be {'in ' if both else ''}{rng}, got {text}"
+                                             + (f" ({rng.hint})" if rng.hint else ""))
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+# words that mean "no value" on the command line and in recipes (YAML reads only null / ~ as null)
+NULL_WORDS = frozenset({"null", "Null", "NULL", "none", "None", "NONE", "~", ""})
+
+
 # names other toolkits use for a key, mapped to ours: difflib alone would offer
 # `min_lr` for `lr`, where the key meant is `base_lr`
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -54,6 +176,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        if isinstance(value, str) and value in NULL_WORDS and type(None) in options:
+            # `key=None` means off, unless "none" is itself one of the key's choices
+            literal = [c for o in options if get_origin(o) is Literal for c in get_args(o)]
+            return value if value in literal else None
         errors = []
         for opt in options:
             if opt is type(None):
@@ -140,6 +266,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
                 f"Valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"
             )
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        check_range(f"{prefix}{key}", kwargs[key])
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate()
@@ -191,6 +318,9 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.epochs=50)")
         key, raw = item.split("=", 1)
+        if "#" in raw and not raw.lstrip().startswith(("[", "{", "'", '"')):
+            _set_dotted(data, key.strip(), raw)  # text, not a YAML comment: run.dir=runs/#3 keeps "#3"
+            continue
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
@@ -327,6 +457,9 @@ def format_config_keys(cls: type) -> str:
             v = list(v)
         return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
 
-    rows = [(k, t, show(d), c) for k, t, d, c in config_keys(cls)]
+    def with_range(key: str, comment: str) -> str:
+        return f"{comment} (range {RANGES[key]})".strip() if key in RANGES else comment
+
+    rows = [(k, t, show(d), with_range(k, c)) for k, t, d, c in config_keys(cls)]
     wk, wt, wd = (min(34, max(len(r[i]) for r in rows)) for i in range(3))
     return "\n".join(f"  {k:<{wk}}  {t:<{wt}}  {d:<{wd}}  {c}".rstrip() for k, t, d, c in rows)

@@ -200,7 +200,8 @@ def _knn(cfg, encoder_path: Path | None, arch: dict[str, Any]) -> float:
     kw = dict(img_size=cfg.model.img_size, batch_size=256, train=False, num_workers=0,
               mean=cfg.data.mean, std=cfg.data.std)
     with torch.no_grad():
-        res = knn_accuracy(enc, labeled_loader(cfg.run.probe_train, **kw), labeled_loader(cfg.run.probe_val, **kw),
+        bank = labeled_loader(cfg.run.probe_train, **kw)
+        res = knn_accuracy(enc, bank, labeled_loader(cfg.run.probe_val, class_names=bank.class_names, **kw),
                            k=cfg.run.probe_k)
     return res["knn_top1"]
 
@@ -272,6 +273,8 @@ def _where(demo: Demo) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``maevit demo [--out runs/demo] [--model NAME] [--fresh] [--full] [--seed N] [pretrain.K=V | finetune.K=V ...]``."""
+    from maevit.config import Range, ranged
+
     parser = argparse.ArgumentParser(prog="maevit demo", description=__doc__.splitlines()[0],
                                      epilog="overrides: pretrain.KEY=VALUE or finetune.KEY=VALUE (keys as in "
                                             "pretrain/demo.yaml and finetune/demo.yaml; a bare KEY=VALUE goes to "
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="where the runs go (default: ./runs/demo)")
     parser.add_argument("--fresh", action="store_true", help="run again (old runs are moved aside, never deleted)")
     parser.add_argument("--full", action="store_true", help="also fine-tune both on 100%% of the labels")
-    parser.add_argument("--seed", type=int, default=0, help="seed of pretraining and fine-tuning (default 0)")
+    parser.add_argument("--seed", type=ranged(int, Range(0)), default=0,
+                        help="seed of pretraining and fine-tuning (default 0)")
     parser.add_argument("--no-finetune", action="store_true", help="pretraining (and kNN) only")
     parser.add_argument("--model", default=None, help="a registered model or a family (e.g. swin): the demo at "
                         "that family's small-image recipe (default: pretrain/demo.yaml's ViT)")

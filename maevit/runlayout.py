@@ -18,6 +18,7 @@ STATE_FILE = "trainer_state.json"  # in a checkpoint: the loop's counters and th
 EMA_PREFIX = "ema-"  # in CHECKPOINTS_DIR: ema-00001200.safetensors, EMA weights beside a checkpoint
 TRASH_PREFIX = ".trash-"  # a checkpoint being deleted
 TMP_PREFIX = ".tmp-"  # a checkpoint being written
+DAMAGED_PREFIX = "damaged-"  # a checkpoint that failed its content check, moved aside (never deleted)
 # files in a checkpoint directory that hold training state, not model weights (Accelerate's
 # names and the per-rank generators_<rank>.safetensors)
 STATE_FILE_PREFIXES = ("optimizer", "scheduler", "scaler", "random_states", "sampler", "custom_checkpoint",

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
+from maevit.config import RANGES, Range, ranged
 from maevit.models import patchify, unpatchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="images to show (shards, folder, 'sample:val', 'bundled'); default: the run's data.train")
     parser.add_argument("--out", default="reconstruction.png", help="output PNG")
     parser.add_argument("--model", help="model name, for weights files that do not name theirs (see `maevit models`)")
-    parser.add_argument("--img-size", type=int, help="default: the file's")
-    parser.add_argument("--num-images", type=int, default=8)
-    parser.add_argument("--mask-ratio", type=float, default=None, help="default: the model's")
-    parser.add_argument("--seed", type=int, default=0, help="picks the images and the masks")
+    parser.add_argument("--img-size", type=ranged(int, Range(1)), help="default: the file's")
+    parser.add_argument("--num-images", type=ranged(int, Range(1)), default=8)
+    parser.add_argument("--mask-ratio", type=ranged(float, RANGES["model.mask_ratio"]), default=None,
+                        help="default: the model's")
+    parser.add_argument("--seed", type=ranged(int, Range(0)), default=0, help="picks the images and the masks")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from maevit.data.stream import pretrain_loader, resolve_source

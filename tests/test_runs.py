@@ -212,13 +212,16 @@ class _Evil:
 
 def _tamper(path: Path, marker: Path, fix_size: bool = True) -> None:
     """Replace a checkpoint file by a pickle that runs code; like a careful attacker, also fix the
-    size recorded in trainer_state.json (else the resume stops at the size check already)."""
+    size and digest recorded in trainer_state.json (else the resume stops at the content check already)."""
+    import hashlib
+
     with open(path, "wb") as f:
         pickle.dump({"state": {}, "param_groups": [], "payload": _Evil(str(marker))}, f, protocol=2)
     state_file = path.parent / "trainer_state.json"
     state = json.loads(state_file.read_text())
     if fix_size and "files" in state:
-        state["files"][path.name] = path.stat().st_size
+        state["files"][path.name] = {"size": path.stat().st_size,
+                                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         state_file.write_text(json.dumps(state))
 
 
@@ -237,7 +240,8 @@ def test_tampered_optimizer_file_is_refused_on_resume(tmp_path, capsys):
     _tamper(run_dir / "checkpoints" / "step-00000002" / "model.safetensors", marker, fix_size=False)
     assert main([*args, "optim.max_steps=4"]) == 2
     err = capsys.readouterr().err
-    assert "model.safetensors is" in err and "modified or damaged since" in err and not marker.exists()
+    assert "model.safetensors is" in err and "Nothing was loaded, changed or deleted" in err and not marker.exists()
+    assert (run_dir / "checkpoints" / "step-00000002").is_dir()  # the evidence stays where it was
 
 
 def test_tampered_rng_state_is_refused_and_the_resume_says_it_is_not_exact(tmp_path, caplog):

@@ -17,7 +17,8 @@ from .transforms import (
     labeled_transform,
 )
 
-from .sources import STAT_KEYS, DataSourceError, Source, resolve_source
+from .labels import label_map
+from .sources import STAT_KEYS, DataSourceError, Source, _first_tar_has_labels, resolve_source
 from .split import _Spec, _StreamDataset, batches_per_rank, select_fraction
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,14 @@ log = logging.getLogger("maevit.data.stream")
 # ---------------------------------------------------------------------------------------------
 
 def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C reaches every process of the terminal's group: the training loop handles it (saves a
-    # checkpoint at the next step), so loader workers must keep serving batches until it is done
+    # Ctrl-C reaches every process of the terminal's group, and schedulers send SIGTERM / SIGUSR1 to every
+    # process of a job: the training loop handles them (saves a checkpoint at the next step), so loader
+    # workers must keep serving batches until it is done (they end with the loader, or when it dies)
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class StreamLoader:
@@ -50,6 +54,10 @@ class StreamLoader:
     """
 
     def __init__(self, spec: _Spec, source: Source, *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        if source.num_samples == 0:
+            raise DataSourceError(
+                f"{source.description} has no readable samples (see the warnings above for why); check that it "
+                f"is the data you meant, or rewrite it with `maevit shards write`.")
         if spec.mode != "eval" and batches_per_rank(spec) == 0:
             most = source.num_samples // spec.world_size
             raise DataSourceError(
@@ -116,13 +124,23 @@ class StreamLoader:
         spec = replace(self._spec)  # snapshot: set_epoch during iteration affects the next one only
         self._spec.start_batch = 0  # skip_batches applies to one iteration
         self._position = spec.start_batch
+        before, yielded = dict(self._skipped), 0
         for item in self._loader(spec):
             for k, v in item["skipped"].items():
                 self._skipped[k] += v
             self._position += 1
             if len(item["images"]) == 0:
                 continue
+            yielded += 1
             yield (item["images"], item["labels"]) if spec.labeled else item["images"]
+        if yielded == 0 and spec.start_batch == 0 and batches_per_rank(spec) > 0:
+            # a whole pass without one sample: another pass would find the same (and loop forever)
+            kinds = {k: self._skipped[k] - before.get(k, 0) for k in self._skipped}
+            why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in kinds.items() if v) or "no sample was read"
+            raise DataSourceError(
+                f"{self._source.description}: a whole pass (epoch {spec.epoch}, process {spec.rank}) found no "
+                f"readable sample ({why}). Stopping instead of repeating it: check the data with "
+                f"`maevit shards check`, or rewrite it with `maevit shards write`.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +253,8 @@ def labeled_loader(
     allow_pipe: bool = False,
     pin_memory: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    class_names: Sequence[str] | None = None,
+    classes_from: str = "the model",
 ) -> StreamLoader:
     """Labeled stream for fine-tuning (train=True) or evaluation (train=False).
 
@@ -255,19 +275,36 @@ def labeled_loader(
         drop_last: train only (default True); eval never drops.
         mean, std, auto_augment, re_prob, color_jitter, scale, hflip, interpolation, crop_pct:
             transform options (see `transforms.labeled_transform`).
+        class_names: the model's classes (e.g. the training data's, or a classifier file's): labels
+            are mapped to them by name, and a class outside them is an error before any batch.
+        classes_from: what ``class_names`` come from, for that error message.
 
     Returns:
         A `StreamLoader` yielding `(images [B, 3, H, W], labels [B] int64)`.
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
-    if src.class_names is None and not any(u.kind == "tar" for u in src.units):
+    if src.class_names is None and (src.indexed or not any(u.kind == "tar" for u in src.units)
+                                    or not _first_tar_has_labels(src)):
+        hint = ""
+        if src.description.startswith("image folder "):
+            hint = (f" If {src.description[len('image folder '):]} is the folder of one class, pass the folder "
+                    f"above it (the one whose sub-folders are the classes).")
         raise DataSourceError(
-            f"{src.description} has no labels: labeled data is a class-per-folder tree "
-            f"(root/<class>/<image>) or shards with .cls members."
+            f"{src.description} has no labels (unlabeled data given to a labeled command): labeled data is a "
+            f"class-per-folder tree (root/<class>/<image>) or shards with .cls members (`maevit shards write` of "
+            f"a class-per-folder tree writes them).{hint}"
         )
+    mapping = None
+    if class_names is not None and src.class_names is not None:
+        mapping = label_map(src.class_names, class_names, data=src.description, model=classes_from)
+    elif class_names is not None:
+        log.warning("%s carries no class names: its integer labels are taken as indices into %s's classes",
+                    src.description, classes_from)
     if label_fraction is not None and label_fraction < 1:
         src = select_fraction(src, label_fraction, label_seed)
+    if mapping is not None:  # the loader reports the model's classes: its labels are now theirs
+        src = replace(src, class_names=list(class_names))
     tf = labeled_transform(
         img_size, train, mean=mean, std=std, auto_augment=auto_augment, re_prob=re_prob,
         color_jitter=color_jitter, scale=scale, hflip=hflip, interpolation=interpolation, crop_pct=crop_pct,
@@ -275,6 +312,6 @@ def labeled_loader(
     spec = _Spec(
         src.units, batch_size, seed, rank, world_size, num_workers, "exact" if train else "eval",
         True if drop_last is None else drop_last, shuffle_buffer, None, True, tf, tuple(mean), tuple(std),
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, label_map=mapping,
     )
     return StreamLoader(spec, src, pin_memory=pin_memory)

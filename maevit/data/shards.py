@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from maevit.config import Range, ranged
 from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
 from maevit.fileio import atomic_write, publish, temporary_path
 
@@ -314,6 +315,10 @@ def _write_locked(items, classes, src, src_desc, out: Path, samples_per_shard, m
     finally:
         if pool is not None:
             pool.shutdown()
+    if n == 0 and items:  # nothing readable: no index, so no folder that looks like an empty dataset
+        progress_file.unlink(missing_ok=True)
+        raise ValueError(f"none of the {len(items)} images under {src} could be read (first: {bad[0]}); "
+                         f"no shards were written. Check that the files are images (JPEG / PNG / WebP / BMP).")
     names = {s["name"] for s in shards}
     for stale in out.glob(f"{prefix}-*.tar"):  # overwrite: shards beyond the new count would otherwise linger
         if stale.name not in names:
@@ -430,15 +435,16 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("write", help="turn an image folder / class tree / bundled data into shards")
     w.add_argument("src", help="image folder (recursive), class-per-folder tree, or bundled[:train|val]")
     w.add_argument("out_dir")
-    w.add_argument("--samples-per-shard", type=int, default=1000)
-    w.add_argument("--max-bytes", type=int, default=None, help="most bytes per shard")
-    w.add_argument("--resize-shorter", type=int, default=None,
+    w.add_argument("--samples-per-shard", type=ranged(int, Range(1)), default=1000)
+    w.add_argument("--max-bytes", type=ranged(int, Range(1)), default=None, help="most bytes per shard")
+    w.add_argument("--resize-shorter", type=ranged(int, Range(1)), default=None,
                    help="resize shorter side to S px (off by default); the cure for very large images, which "
                         "cost seconds and GBs per decode in every epoch")
-    w.add_argument("--quality", type=int, default=95, help="JPEG quality when encoding")
-    w.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    w.add_argument("--quality", type=ranged(int, Range(1, 100)), default=95, help="JPEG quality when encoding")
+    w.add_argument("--workers", type=ranged(int, Range(1)), default=None,
+                   help="encoding processes (default: all cores)")
     w.add_argument("--prefix", default="shard")
-    w.add_argument("--shuffle-seed", type=int, default=0, help="sample order permutation; -1 keeps sorted order")
+    w.add_argument("--shuffle-seed", type=ranged(int, Range(-1)), default=0, help="sample order permutation; -1 keeps sorted order")
     w.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT_DIR")
     w.add_argument("--no-progress", action="store_true")
     for name, help_ in (("info", "counts, classes and sizes"), ("check", "decode every sample, report bad ones")):
@@ -447,7 +453,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--allow-pipe", action="store_true", help="accept pipe: URLs (they run shell commands)")
         if name == "check":
             c.add_argument("--no-progress", action="store_true")
-            c.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+            c.add_argument("--max-pixels", type=ranged(int, Range(0)), default=DEFAULT_MAX_PIXELS,
                            help=f"report images with more pixels, which the loaders skip (default {DEFAULT_MAX_PIXELS}"
                                 f" = data.max_pixels; 0: no limit)")
     return p

@@ -89,12 +89,23 @@ def _is_local(url: str) -> bool:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    out = []
+    """Image files under ``folder``, in sorted walk order. Symlinked folders are followed once per real
+    folder (a link back up the tree is no loop) and a file reached by several paths is listed once
+    (the first path wins): os.walk(followlinks=True) alone does neither."""
+    out, seen_dirs, seen_files = [], set(), set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if not f.startswith(".") and f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
-                out.append(Path(dirpath) / f)
+                real_file = os.path.realpath(os.path.join(dirpath, f))
+                if real_file not in seen_files:
+                    seen_files.add(real_file)
+                    out.append(Path(dirpath) / f)
     return out
 
 
@@ -112,7 +123,12 @@ def folder_source(folder: str | os.PathLike) -> Source:
             f"a class-per-folder tree or a shard directory with {INDEX_NAME}."
         )
     rels = [f.relative_to(folder) for f in files]
-    labeled = all(len(r.parts) >= 2 for r in rels)
+    loose = [r for r in rels if len(r.parts) < 2]
+    labeled = not loose
+    if loose and len(loose) < len(rels):  # a mixed tree: say which reading was taken
+        log.warning("%s mixes %d loose images (first: %s) with %d images in sub-folders: read as one unlabeled "
+                    "folder. For class labels, move every image into a class folder (FOLDER/CLASS/IMAGE).",
+                    folder, len(loose), loose[0], len(rels) - len(loose))
     classes = sorted({r.parts[0] for r in rels}) if labeled else None
     cidx = {c: i for i, c in enumerate(classes or [])}
     units = [
@@ -262,6 +278,8 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     if src.endswith(".json"):
         return _index_source(src, allow_pipe)
     p = Path(src)
+    if _is_local(src) and p.is_file():
+        _refuse_single_file(p)
     if _is_local(src) and p.is_dir():
         check_complete(p)
         if (p / INDEX_NAME).is_file():
@@ -275,6 +293,14 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
     urls = wds.shardlists.expand_urls(src)
     if _is_local(src) and any(c in src for c in "*?["):
         urls = sorted(u for pat in urls for u in glob(pat))
+        if not urls:
+            raise DataSourceNotFoundError(
+                f"data source {src!r}: the pattern matches no file (looked from {os.getcwd()}); check the "
+                f"folder and the file names it expects (shards are usually NAME-000000.tar ... : e.g. "
+                f"'shards/train-*.tar'), or pass the shard folder itself.")
+        for u in urls:
+            if Path(u).is_file():
+                _refuse_single_file(Path(u), in_pattern=src)
     if _is_local(src):
         missing = [u for u in urls if not Path(u).exists()]
         if missing:
@@ -284,3 +310,46 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
                 f"'sample[:split]'."
             )
     return _shard_list_source(urls, allow_pipe, need_counts)
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".zip", ".7z", ".rar",
+                    ".gz", ".bz2", ".xz", ".zst")
+
+
+def _refuse_single_file(path: Path, in_pattern: str | None = None) -> None:
+    """A local file that is not a shard (``.tar``) or an index: say what it is and what would work."""
+    name = path.name.lower()
+    where = f" (matched by {in_pattern!r})" if in_pattern else ""
+    if name.endswith(".tar") or name.endswith(".json"):
+        return
+    if name.endswith(ARCHIVE_SUFFIXES):
+        raise DataSourceError(
+            f"{path}{where} is a compressed archive; maevit reads plain .tar shards (webdataset), image folders "
+            f"and dataset.json indexes. Unpack it (e.g. `tar xf {path.name}` or `unzip {path.name}`) and pass the "
+            f"folder, then `maevit shards write FOLDER OUT_DIR` for fast streaming.")
+    if name.rsplit(".", 1)[-1] in IMAGE_EXTS:
+        raise DataSourceError(
+            f"{path}{where} is a single image; a data source is a folder of images (FOLDER/CLASS/IMAGE for "
+            f"labels), a shard folder or pattern, or 'sample[:split]'. Pass the folder it is in: {path.parent}.")
+    raise DataSourceError(
+        f"{path}{where} is a file that is neither a .tar shard nor a dataset.json index; expected a shard "
+        f"directory, {INDEX_NAME}, a shard pattern (e.g. 'shards/train-*.tar'), an image folder, or "
+        f"'sample[:split]'.")
+
+
+def _first_tar_has_labels(src: Source, members: int = 64) -> bool:
+    """Whether the first local tar of ``src`` holds ``.cls`` members among its first ``members`` files
+    (remote tars: assumed labeled; their samples are checked as they stream)."""
+    tar = next(u for u in src.units if u.kind == "tar")
+    if not _is_local(tar.url):
+        return True
+    try:
+        with tarfile.open(tar.url, "r:") as tf:
+            for i, m in enumerate(tf):
+                if m.name.endswith(".cls"):
+                    return True
+                if i >= members:
+                    break
+    except (tarfile.TarError, OSError, EOFError):
+        return True  # a damaged tar is counted as it streams, not judged here
+    return False

@@ -81,6 +81,7 @@ class _Spec:
     start_batch: int = 0
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     counts: list[int] = field(default_factory=list)
+    label_map: tuple[int, ...] | None = None  # data label -> model label (matched by class name)
 
     def __post_init__(self) -> None:
         self.counts = [u.count for u in self.units]
@@ -174,6 +175,10 @@ class _StreamDataset(IterableDataset):
             if "cls" not in sample:
                 raise KeyError("no .cls label")
             label = int(sample["cls"].decode("utf-8").strip())
+            if s.label_map is not None:
+                if not 0 <= label < len(s.label_map):
+                    raise KeyError(f"label {label} is outside the data's {len(s.label_map)} classes")
+                label = s.label_map[label]
         header = open_image(data)  # header only: the size is known before decoding
         check_pixels(header, s.max_pixels)
         if isinstance(s.transform, PretrainTransform):

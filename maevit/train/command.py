@@ -7,13 +7,14 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from maevit.config import ConfigError, format_config_keys, load_config, to_dict
 from maevit.train.step import NonFiniteLossError
-from maevit.train.stopping import TrainingInterrupted, ctrl_c_stops_training
+from maevit.train.stopping import TrainingInterrupted, ctrl_c_stops_training, stop_signal_name
 
 logger = logging.getLogger("maevit")
 
@@ -45,11 +46,13 @@ def setup_logging() -> None:
 
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Everyday mistakes that get a one-paragraph message and exit code 2, never a traceback."""
+    from maevit.data.labels import ClassMismatchError
     from maevit.data.stream import DataSourceError
     from maevit.models import CheckpointError, ModelArgumentError
     from maevit.train.runs import RunError
 
-    return ConfigError, ModelArgumentError, CheckpointError, DataSourceError, RunError, FileNotFoundError
+    return (ConfigError, ModelArgumentError, CheckpointError, DataSourceError, ClassMismatchError, RunError,
+            FileNotFoundError)
 
 
 def run_recipe_command(
@@ -113,6 +116,7 @@ def run_recipe_command(
         print(f"{prog}: stopped: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
+        signame = stop_signal_name() or "SIGINT"
         if main_process:
             again = [x for x in argv if not x.startswith("run.fresh=")]  # fresh again would move this run aside
             again += ["run.fresh=false"] if cfg.run.fresh else []
@@ -120,9 +124,10 @@ def run_recipe_command(
             cmd = shlex.join([*prog.split(), *again])
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by a launcher: the same launch line
                 cmd = f"torchrun / accelerate launch ... -m maevit.cli {cmd.removeprefix('maevit ')}"
-            print(f"{prog}: interrupted at step {e.step}; checkpoint saved in {e.checkpoint}. Resume with {how}:\n"
+            what = "interrupted" if signame == "SIGINT" else f"preempted ({signame})"
+            print(f"{prog}: {what} at step {e.step}; checkpoint saved in {e.checkpoint}. Resume with {how}:\n"
                   f"  {cmd}", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(signal, signame))  # 130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1
     except KeyboardInterrupt:  # before the training loop, a second Ctrl-C, or a command without checkpoints
         if main_process:
             run_cfg = getattr(cfg, "run", None)

@@ -8,6 +8,8 @@ running job's picture is never more than one checkpoint old.
 """
 from __future__ import annotations
 
+import logging
+
 import math
 import os
 from pathlib import Path
@@ -113,10 +115,19 @@ def save_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
 
 
 def save_run_curves(run_dir: str | os.PathLike, panels: Sequence[tuple[str, Sequence[str]]]) -> Path | None:
-    """``RUN_DIR/curves.png`` from ``RUN_DIR/metrics.jsonl`` (None while there is nothing to draw)."""
+    """``RUN_DIR/curves.png`` from ``RUN_DIR/metrics.jsonl`` (None while there is nothing to draw).
+
+    A picture never stops a run: any failure (a full disk, a font or image library problem) is a
+    warning, and the run goes on to its checkpoints and exported weights."""
     from maevit.train.runs import RunDir, read_metrics
 
-    metrics = RunDir(run_dir).metrics_path
-    if not metrics.is_file():
+    run = RunDir(run_dir)
+    try:
+        if not run.metrics_path.is_file():
+            return None
+        return save_curves(read_metrics(run.metrics_path), run.curves_path, panels)
+    except Exception as exn:  # noqa: BLE001 - an optional picture
+        logging.getLogger(__name__).warning("could not draw %s (%s: %s); training goes on without it",
+                                            run.curves_path, type(exn).__name__,
+                                            str(exn).strip().splitlines()[0][:200] if str(exn).strip() else "")
         return None
-    return save_curves(read_metrics(metrics), RunDir(run_dir).curves_path, panels)

@@ -252,6 +252,7 @@ def main_eval(argv: list[str] | None = None) -> int:
     import math
     import sys
 
+    from maevit.config import Range, ranged
     from maevit.train.command import building_model, setup_logging, usage_errors
     from maevit.train.inputs import labeled_for_rank, resolve_num_workers
     from maevit.train.precision import make_accelerator
@@ -261,9 +262,9 @@ def main_eval(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="fine-tuning RUN_DIR or a classifier .safetensors")
     p.add_argument("--data", required=True, help="labeled source (shards, class folders, bundled:val)")
     p.add_argument("--model", default=None, help="model name, for files that do not name theirs")
-    p.add_argument("--img-size", type=int, default=None, help="default: the classifier's")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=None, help="default: min(4, CPUs - 1)")
+    p.add_argument("--img-size", type=ranged(int, Range(1)), default=None, help="default: the classifier's")
+    p.add_argument("--batch-size", type=ranged(int, Range(1)), default=64)
+    p.add_argument("--num-workers", type=ranged(int, Range(0)), default=None, help="default: min(4, CPUs - 1)")
     p.add_argument("--out", default=None, help="where to write eval.json + confusion.png (default: beside the checkpoint)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -274,6 +275,7 @@ def main_eval(argv: list[str] | None = None) -> int:
         model.to(acc.device)
         loader = labeled_for_rank(a.data, acc, img_size=int(model.img_size[0]), batch_size=a.batch_size, train=False,
                                   num_workers=resolve_num_workers(a.num_workers), seed=0,
+                                  class_names=header.get("class_names"), classes_from=f"the classifier {a.checkpoint}",
                                   **{k: tuple(header[k]) for k in ("mean", "std") if k in header})
         names = header.get("class_names") or getattr(loader, "class_names", None) or None
         bar = progress_bar(acc.is_main_process, len(loader), unit="batch", desc="evaluating")

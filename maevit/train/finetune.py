@@ -174,7 +174,8 @@ class FinetuneTask(Task):
         common = stream_args(d, img_size=m.img_size, seed=cfg.run.seed)
         self.loader = labeled_for_rank(d.train, ranks, train=True, **common, **label_args(d),
                                        auto_augment=d.auto_augment, re_prob=d.re_prob)
-        self.val_loader = labeled_for_rank(d.val, ranks, train=False, **common) if d.val else None
+        self.val_loader = labeled_for_rank(d.val, ranks, train=False, class_names=self.loader.class_names,
+                                           classes_from=f"the training data {d.train}", **common) if d.val else None
         self.num_classes = num_classes_of(m.num_classes, self.loader)
         self.class_names = list(getattr(self.loader, "class_names", None) or [])
         with building_model():

@@ -81,6 +81,11 @@ def labeled_for_rank(source: str, acc, *, img_size: int, batch_size: int, train:
 def num_classes_of(configured: int | None, loader) -> int:
     """``model.num_classes``, defaulting to (and checked against) the classes of the training data."""
     names = getattr(loader, "class_names", None)
+    if names is not None and len(names) < 2:
+        raise ConfigError(
+            f"the training data has {len(names)} class ({', '.join(map(str, names))}): a classifier needs at least "
+            f"two. If the class folders are one level further down (FOLDER/{names[0] if names else 'X'}/CLASS/IMAGE), "
+            f"pass that folder as data.train.")
     if configured is None:
         if not names:
             raise ConfigError("model.num_classes is not set and the training data has no class names; set it")

@@ -2,9 +2,11 @@
 checkpoint on resume) and the bad samples its loader skipped, by kind (continued on resume)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,9 +43,13 @@ class MetricsLogger:
             start = 0 if resume_step is None else resume_step
             rows = read_metrics(self.path)
             kept = [r for r in rows if r.get("step", 0) <= start]
-            if len(kept) < len(rows):
-                logger.info("%s: dropped %d rows after step %d left by an interrupted run; those steps run again",
-                            self.path, len(rows) - len(kept), start)
+            if len(kept) < len(rows):  # kept aside, never deleted: they are the record of what happened
+                replaced = self.path.with_name(self.path.stem + "-replaced.jsonl")
+                with open(replaced, "a") as f:
+                    f.writelines(json.dumps({**r, "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+                                 for r in rows if r.get("step", 0) > start)
+                logger.info("%s: %d rows after step %d, left by an interrupted run, moved to %s; those steps run "
+                            "again", self.path, len(rows) - len(kept), start, replaced.name)
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most one line
 
@@ -54,7 +60,17 @@ class MetricsLogger:
         row = {"step": int(step)}
         for key, value in metrics.items():
             row[key] = value.item() if hasattr(value, "item") else value
-        self._file.write(json.dumps(row) + "\n")
+        try:
+            self._file.write(json.dumps(row) + "\n")
+        except OSError as exn:
+            if exn.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            from maevit.train.runs import DiskFullError  # (runs imports this module)
+
+            raise DiskFullError(
+                f"the disk is full: a metrics row of step {step} could not be appended to {self.path} ({exn}). "
+                f"The rows written so far and the last checkpoint are intact. Free some space (or move run.dir "
+                f"to a larger disk), then run the same command again to resume.") from None
 
     def close(self) -> None:
         if self._file is not None:

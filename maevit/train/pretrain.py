@@ -141,7 +141,9 @@ def _probe_loaders(cfg: PretrainConfig, acc):
 
     kw = dict(img_size=cfg.model.img_size, batch_size=cfg.data.batch_size, train=False, num_workers=0,
               rank=acc.process_index, world_size=acc.num_processes, mean=cfg.data.mean, std=cfg.data.std)
-    return labeled_loader(cfg.run.probe_train, **kw), labeled_loader(cfg.run.probe_val, **kw)
+    bank = labeled_loader(cfg.run.probe_train, **kw)
+    return bank, labeled_loader(cfg.run.probe_val, class_names=bank.class_names,
+                                classes_from=f"the probe's memory bank {cfg.run.probe_train}", **kw)
 
 
 class PretrainTask(Task):

@@ -192,7 +192,8 @@ class ProbeTask(Task):
                                              global_pool=cfg.model.global_pool, img_size=cfg.model.img_size,
                                              **cfg.model.args)
         # a bad source changes no files
-        self.val_loader = labeled_for_rank(d.val, acc, train=False, **common) if d.val else None
+        self.val_loader = labeled_for_rank(d.val, acc, train=False, class_names=self.train_loader.class_names,
+                                           classes_from=f"the training data {d.train}", **common) if d.val else None
         return acc, self.encoder
 
     def start(self, run: runs.RunDir) -> Setup:

@@ -27,10 +27,12 @@ directory looks like this::
                                    Accelerate's accumulation counter
           generators_<r>.safetensors   extra torch.Generator states of rank r
           trainer_state.json       the caller's counters: step, epoch, batch, ...; written
-                                   last, with the name and size of every other file
+                                   last, with the name, size and SHA-256 of every other file
         ema-00001200.safetensors   EMA weights beside that checkpoint (fine-tuning with run.ema)
         .tmp-step-00001300/        a checkpoint being written; never read
         .trash-step-00001000/      a checkpoint being deleted; never read
+        damaged-step-00001100/     a checkpoint whose files no longer match their digests,
+                                   moved aside (never deleted) when a run resumed past it
       previous-<time>/             an older run moved aside by ``fresh=True``
 
 Typical use (every rank runs all of it; file writes happen where they must)::
@@ -52,10 +54,13 @@ rename). Old checkpoints are pruned the same way in reverse: renamed to
 therefore leaves either the previous complete checkpoint or the new one, and
 leftovers under hidden names are removed by the next :func:`open_run`. A
 checkpoint is *complete* when ``trainer_state.json`` is there and every file it
-lists is there (:func:`is_complete_checkpoint`); nothing else is listed or
-resumed from, and a listed file whose size changed stops the resume. All ranks
-must see the same file system (multi-node: put the run directory on shared
-storage).
+lists is there (:func:`is_complete_checkpoint`); nothing else is listed. Before a
+resume its files are checked by content (:func:`checkpoint_problem`: size and
+SHA-256 recorded at save time): :func:`open_run` resumes from the newest
+checkpoint that passes, moves newer damaged ones aside to ``damaged-step-N``
+with a warning naming the file, and stops with :class:`ResumeError` (changing
+nothing) when no checkpoint passes. All ranks must see the same file system
+(multi-node: put the run directory on shared storage).
 
 One process at a time: :func:`open_run` takes ``RUN_DIR/.lock`` on the main
 process and every rank stops with :class:`RunLockedError` (naming the holder)
@@ -72,6 +77,7 @@ global RNGs (Accelerate) or generators passed in ``generators``.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -88,7 +94,8 @@ from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
 from maevit.fileio import fsync_tree, write_text_atomic
 from maevit.runlayout import (  # the names; this module builds the paths (re-exported: runs.CKPT_PREFIX, ...)
     CHECKPOINTS_DIR, CKPT_PREFIX, CLASSIFIER_EMA_FILE, CLASSIFIER_FILE, CONFIG_FILE, CURVES_FILE, EMA_PREFIX,
-    ENCODER_FILE, IMAGES_DIR, LATEST_FILE, METRICS_FILE, PROBE_HEAD_FILE, STATE_FILE, TMP_PREFIX, TRASH_PREFIX,
+    DAMAGED_PREFIX, ENCODER_FILE, IMAGES_DIR, LATEST_FILE, METRICS_FILE, PROBE_HEAD_FILE, STATE_FILE, TMP_PREFIX,
+    TRASH_PREFIX,
 )
 from maevit.train.metrics import MetricsLogger, SkipTally, read_metrics  # noqa: F401  (also here: runs.MetricsLogger)
 
@@ -137,6 +144,37 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
 
 def _file_sizes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_digests(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``root`` (written with a checkpoint)."""
+    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with checkpoint ``path`` by content, or None when every file it lists is there with
+    the size and SHA-256 recorded when it was written (older checkpoints recorded sizes only)."""
+    path = Path(path)
+    try:
+        files = json.loads((path / STATE_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as exn:
+        return f"{STATE_FILE} cannot be read ({type(exn).__name__})"
+    for name, rec in (files or {}).items():
+        f = path / name
+        size, digest = (rec.get("size"), rec.get("sha256")) if isinstance(rec, dict) else (rec, None)
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, but {size} were written"
+        if digest is not None and _sha256(f) != digest:
+            return f"{name} has the size it was written with but not the content (its SHA-256 differs)"
+    return None
 
 
 def _remove_dir(path: Path) -> None:
@@ -226,16 +264,47 @@ class RunDir:
             named = self.checkpoints_dir / pointer.read_text().strip()
             if is_complete_checkpoint(named):
                 return named
-            logger.warning("%s names %s, which is missing or incomplete; using the newest complete one", pointer, named)
+            found = self.checkpoints()
+            if found:
+                logger.warning("%s names %s, which is missing or incomplete; using the newest complete one, %s",
+                               pointer, named.name, found[-1].name)
+            return found[-1] if found else None
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def newest_good_checkpoint(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """``(the newest checkpoint that passes checkpoint_problem, [(newer damaged one, problem)])``.
+
+        Every ``step-*`` folder counts, complete or not: one that lost a listed file is damaged,
+        not absent. Older checkpoints than the good one are not read (their digests are checked
+        when they are resumed from)."""
+        if not self.checkpoints_dir.is_dir():
+            return None, []
+        found = []
+        for p in self.checkpoints_dir.iterdir():
+            try:
+                found.append((checkpoint_step(p), p))
+            except ValueError:
+                continue
+        damaged = []
+        for _, p in sorted(found, reverse=True):
+            problem = checkpoint_problem(p)
+            if problem is None:
+                return p, damaged
+            damaged.append((p, problem))
+        return None, damaged
+
     def remove_leftovers(self) -> None:
-        """Delete what killed saves and prunes left under hidden names (``.tmp-``, ``.trash-``)."""
-        if self.checkpoints_dir.is_dir():
-            for p in self.checkpoints_dir.iterdir():
+        """Delete what killed saves and prunes left under hidden names (``.tmp-``, ``.trash-``), and
+        the temporary files of atomic writes a kill interrupted (``NAME.tmp-<pid>``)."""
+        for folder in (self.checkpoints_dir, self.root):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
                 if p.name.startswith(_LEFTOVER_PREFIXES) and p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
+                elif ".tmp-" in p.name and p.is_file():
+                    p.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         """Release this process's lock of the run directory (taken by :func:`open_run`)."""
@@ -277,17 +346,34 @@ def open_run(
         RunLockedError: another live process is writing this run directory (on every rank).
     """
     run = RunDir(root)
+    if run.root.exists() and not run.root.is_dir():
+        raise RunError(f"run.dir={run.root} is a file, not a folder: a run directory holds the config, metrics, "
+                       f"checkpoints and weights of a run. Pass another run.dir (e.g. run.dir={run.root}-run), or "
+                       f"move that file.")
     _lock(run, accelerator)
+    chosen, message = None, None
     if accelerator.is_main_process:
-        run.remove_leftovers()
         if fresh:
             moved = run.move_aside()
             if moved is not None:
                 logger.info("run.fresh: moved the previous contents of %s to %s", run.root, moved)
-        run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        run.images_dir.mkdir(parents=True, exist_ok=True)
+        run.remove_leftovers()
+        chosen, damaged = run.newest_good_checkpoint()
+        if damaged and chosen is None:
+            message = _no_good_checkpoint(run, damaged)
+        else:
+            _move_damaged_aside(damaged, chosen)
+            run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            run.images_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.num_processes > 1:  # every rank resumes the checkpoint the main process verified
+        from accelerate.utils import broadcast_object_list
+
+        chosen, message = broadcast_object_list([chosen, message], from_process=0)
+    if message is not None:
+        run.unlock()
+        raise ResumeError(message)
     accelerator.wait_for_everyone()
-    ckpt = run.latest_checkpoint()
+    ckpt = chosen
     if accelerator.is_main_process and config is not None:
         from maevit.config import save_config, to_dict
 
@@ -350,6 +436,29 @@ def check_resumable(run_dir: str | os.PathLike, model: torch.nn.Module, cfg: Any
         "run.fresh=true (the old run is moved aside, not deleted); or pick another run.dir. Nothing in the run "
         "directory was changed."
     )
+
+
+def _no_good_checkpoint(run: RunDir, damaged: list[tuple[Path, str]]) -> str:
+    listed = "; ".join(f"{p.name}: {problem}" for p, problem in damaged[:5])
+    more = f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""
+    return (f"cannot resume {run.root}: no checkpoint passes its content check ({listed}{more}). Nothing was "
+            f"loaded, changed or deleted: the damaged checkpoints and the metrics are kept as evidence (model "
+            f"weights in a checkpoint whose optimizer state is damaged may still be intact). To start over, pass "
+            f"run.fresh=true (the old run is moved to {run.root}/previous-<time>/, not deleted), or move "
+            f"{run.checkpoints_dir} aside yourself; restore a good copy of the named file to resume.")
+
+
+def _move_damaged_aside(damaged: list[tuple[Path, str]], chosen: Path | None) -> None:
+    """Rename damaged checkpoints newer than the one resumed to ``damaged-step-N`` (they would be
+    overwritten when the run reaches their step, and their intact files may still be wanted)."""
+    for path, problem in damaged:
+        dest = path.with_name(DAMAGED_PREFIX + path.name)
+        n = 1
+        while dest.exists():
+            dest, n = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{n}"), n + 1
+        path.rename(dest)
+        logger.warning("checkpoint %s is damaged (%s): moved aside to %s; resuming from %s", path, problem, dest.name,
+                       chosen.name if chosen is not None else "the start")
 
 
 def _lock(run: RunDir, accelerator: Any) -> None:
@@ -436,7 +545,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         try:
             meta = {**dict(state), "step": step, "num_processes": accelerator.num_processes,
-                    "files": _file_sizes(tmp)}
+                    "files": _file_digests(tmp)}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))  # last file: marks completeness
             # Accelerate does not fsync; do it before the rename that publishes the checkpoint (not through
             # atomic_write: every rank writes into it, so its temporary name is the same on all ranks)
@@ -556,13 +665,14 @@ def load_checkpoint(
         raise FileNotFoundError(
             f"{ckpt} is not a complete checkpoint (no {STATE_FILE}); pass a RUN_DIR/checkpoints/step-* directory"
         )
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise ResumeError(
+            f"cannot resume from {ckpt}: {problem}: it was modified or damaged since. Nothing was loaded. "
+            f"Move this checkpoint aside (e.g. rename it to {DAMAGED_PREFIX}{ckpt.name}) to resume from an older "
+            f"one, or restore a good copy of the file.")
     state = json.loads((ckpt / STATE_FILE).read_text())
-    for name, size in (state.pop("files", None) or {}).items():
-        if (ckpt / name).stat().st_size != size:
-            raise ResumeError(
-                f"cannot resume from {ckpt}: {name} is {(ckpt / name).stat().st_size} bytes, but {size} were written: "
-                f"it was modified or damaged since. Nothing was loaded. Delete or move this checkpoint to resume "
-                f"from an older one, or pass run.fresh=true to start over (the old run is kept).")
+    state.pop("files", None)
     rank = accelerator.process_index
     saved_procs = state.get("num_processes", accelerator.num_processes)
     if saved_procs != accelerator.num_processes:
@@ -629,12 +739,13 @@ def _resume_failure(ckpt: Path, exn: BaseException) -> str:
                 if isinstance(refused, pickle.UnpicklingError):
                     return (f"cannot resume from {ckpt}: {f.name} was refused by safe loading: it holds more than "
                             f"plain tensors and numbers ({str(refused).strip().splitlines()[-1][:200]}). Nothing in "
-                            f"it was run. It was modified or written by other software: delete or move this "
-                            f"checkpoint to resume from an older one, or pass run.fresh=true to start over (the "
-                            f"old run is kept).")
+                            f"it was run. It was modified or written by other software: move this checkpoint aside "
+                            f"(rename it to {DAMAGED_PREFIX}{ckpt.name}) to resume from an older one, or pass "
+                            f"run.fresh=true to start over (the old run is kept).")
                 return (f"cannot resume from {ckpt}: {f.name} cannot be read ({type(refused).__name__}: "
-                        f"{str(refused).strip()[:200]}). Delete or move this checkpoint to resume from an older "
-                        f"one, or pass run.fresh=true to start over (the old run is kept).")
+                        f"{str(refused).strip()[:200]}). Move this checkpoint aside (rename it to "
+                        f"{DAMAGED_PREFIX}{ckpt.name}) to resume from an older one, or pass run.fresh=true to "
+                        f"start over (the old run is kept).")
     return (f"cannot resume from {ckpt}: {type(exn).__name__}: {str(exn).strip()[:300]}. If the model or "
             f"optimizer settings changed since it was written, pass run.fresh=true to start over (the old run "
             f"is kept), or go back to the settings in {ckpt.parent.parent / 'config.yaml'}.")
