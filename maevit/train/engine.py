@@ -43,7 +43,7 @@ from maevit.train.inputs import batches_from
 from maevit.train.metrics import MetricsLogger, SkipTally
 from maevit.train.progress import progress_bar, report_progress, start_trackers
 from maevit.train.schedule import Schedule
-from maevit.train.step import StepGuard
+from maevit.train.step import DivergedError, NonFiniteLossError, StepGuard
 from maevit.train.stopping import TrainingInterrupted, stop_requested
 
 logger = logging.getLogger("maevit.engine")
@@ -239,6 +239,10 @@ class Loop:
         self.row: dict[str, Any] = {}
         self.losses: list[float] = []
         self.saved_at = self.step if ckpt is not None else -1
+        # the newest checkpoint known to be healthy: a later health check passed (a checkpoint written on the
+        # step that blows the weights up passes its own check: the loss shows it one step later)
+        self.confirmed_at = self.saved_at
+        self.held: str | None = None  # why the last checkpoint was held back (the run is diverging), or None
         self.stopping = False
         for hook in s.hooks:
             if ckpt is not None:
@@ -291,18 +295,47 @@ class Loop:
         return stop_requested(self.acc)
 
     def checkpoint(self) -> None:
-        """Save the full training state of this step (every rank); the one place checkpoints are written."""
+        """Save the full training state of this step (every rank); the one place checkpoints are written.
+
+        Never while the run is diverging (:meth:`~maevit.train.step.StepGuard.health`): then nothing is
+        written or pruned, so the newest checkpoint from before the divergence is kept."""
+        self.held = self.guard.health(self.acc, self.s.params)
+        if self.held is not None:
+            self._set_aside_unconfirmed()
+            if self.acc.is_main_process:
+                logger.warning("step %d: no checkpoint written: %s. %s", self.step, self.held, self.last_good())
+            return
+        self.confirmed_at = self.saved_at  # healthy since it was written
         self.state.update(step=self.step, epoch=self.epoch, batch=self.batch,
                           nonfinite_steps=int(self.guard.bad_total.item()), skipped=self.skips.totals(),
                           model=self.s.header)
         for hook in self.s.hooks:
             hook.before_checkpoint(self, self.step)
         runs.save_checkpoint(self.acc, self.run, self.step, self.state, keep_last=self.policy.keep_last,
-                             generators=self.s.generators or None)
+                             generators=self.s.generators or None, protect=self._confirmed())
         self.saved_at = self.step
         self._call("after_checkpoint")
         if self.acc.is_main_process and self.s.panels:
             save_run_curves(self.run.root, self.s.panels)
+
+    def _set_aside_unconfirmed(self) -> None:
+        """A divergence showed: the checkpoint written since the last healthy check may hold its weights."""
+        if self.saved_at > self.confirmed_at:
+            if self.acc.is_main_process:
+                moved = self.run.set_aside_suspect(self.run.checkpoint_path(self.saved_at), self._confirmed())
+                logger.warning("checkpoint of step %d may hold the weights that diverged: moved to %s",
+                               self.saved_at, moved.name)
+            self.acc.wait_for_everyone()
+            self.saved_at = self.confirmed_at
+
+    def _confirmed(self) -> Path | None:
+        return self.run.checkpoint_path(self.confirmed_at) if self.confirmed_at >= 0 else None
+
+    def last_good(self) -> str:
+        """A sentence naming the newest checkpoint known to be from before the divergence."""
+        if self.confirmed_at < 0:
+            return "No checkpoint was written before it."
+        return f"The newest checkpoint from before it, {self._confirmed()}, is kept."
 
     # ------------------------------------------------------------------ logging
     def _count(self, out: dict[str, torch.Tensor]) -> None:
@@ -315,7 +348,11 @@ class Loop:
     def log_row(self) -> None:
         """One metrics row (reduced over ranks: a host sync) to metrics.jsonl, the tracker and the bar."""
         s, acc = self.s, self.acc
-        read = self.guard.read(acc, self.policy.max_nonfinite, self.task.advice())
+        try:
+            read = self.guard.read(acc, self.policy.max_nonfinite, self.task.advice())
+        except NonFiniteLossError as e:
+            self._set_aside_unconfirmed()
+            raise NonFiniteLossError(f"{e} {self.last_good()}") from None
         now = time.perf_counter()
         img_s = s.eff_batch * (self.step - self._step_log) / (now - self._t_log)
         epoch = round(self.epoch + self.batch / len(s.loader), 4)
@@ -371,6 +408,7 @@ def fit(task: Task) -> dict[str, Any]:
     Raises:
         TrainingInterrupted: a stop was requested; a checkpoint of the step reached was written.
         maevit.train.step.NonFiniteLossError: ``run.max_nonfinite`` non-finite steps in a row.
+        maevit.train.step.DivergedError: the run ended while diverging (nothing exported).
         maevit.train.runs.RunError: the run directory is in use, the disk filled up, or the
             checkpoint cannot be resumed.
     """
@@ -382,6 +420,12 @@ def fit(task: Task) -> dict[str, Any]:
     loop = Loop(task, task.start(run), ckpt)
     loop.run_all()
     loop.skipped = loop.close()
+    if loop.held is not None:  # ended (or stopped) inside a divergence: export nothing
+        acc.end_training()
+        run.unlock()
+        raise DivergedError(
+            f"the run {'was stopped' if loop.stopping else 'ended'} at step {loop.step} while {loop.held}, so its "
+            f"weights were neither checkpointed nor exported. {loop.last_good()} {task.advice()}".strip())
     if loop.stopping:
         acc.end_training()
         run.unlock()

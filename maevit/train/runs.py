@@ -294,6 +294,20 @@ class RunDir:
             damaged.append((p, problem))
         return None, damaged
 
+    def set_aside_suspect(self, ckpt: Path, back_to: Path | None) -> Path:
+        """Rename checkpoint ``ckpt`` (written just before a divergence showed) to ``damaged-step-N``, never
+        deleting it, and point ``latest`` at ``back_to`` (the newest healthy one), so a resume starts there."""
+        dest = ckpt.with_name(DAMAGED_PREFIX + ckpt.name)
+        n = 1
+        while dest.exists():
+            dest, n = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}-{n}"), n + 1
+        ckpt.rename(dest)
+        if back_to is not None:
+            write_text_atomic(self.checkpoints_dir / LATEST_FILE, back_to.name + "\n")
+        else:
+            (self.checkpoints_dir / LATEST_FILE).unlink(missing_ok=True)
+        return dest
+
     def remove_leftovers(self) -> None:
         """Delete what killed saves and prunes left under hidden names (``.tmp-``, ``.trash-``), and
         the temporary files of atomic writes a kill interrupted (``NAME.tmp-<pid>``)."""
@@ -500,8 +514,9 @@ def save_checkpoint(
     *,
     keep_last: int = 3,
     generators: Mapping[str, torch.Generator] | None = None,
+    protect: Path | None = None,
 ) -> Path:
-    """Save the full training state atomically; keep the newest ``keep_last``.
+    """Save the full training state atomically; keep the newest ``keep_last`` (and ``protect``).
 
     Call on every rank at an optimizer-step boundary (not in the middle of a
     gradient-accumulation cycle). Model, optimizer, prepared schedulers, scaler
@@ -562,7 +577,7 @@ def save_checkpoint(
             tmp.rename(final)
         write_text_atomic(run.checkpoints_dir / LATEST_FILE, name + "\n")
         for stale in run.checkpoints()[:-keep_last]:
-            if stale != final:
+            if stale != final and stale != protect:  # protect: the newest one known to be healthy
                 _remove_dir(stale)
     accelerator.wait_for_everyone()
     return final
