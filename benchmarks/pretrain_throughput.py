@@ -68,8 +68,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternate the two measurements this many times")
     a = p.parse_args()
     base = load_config(PretrainConfig, a.recipe, a.overrides)
-    choice = throughput.resolve_precision(base.run.precision, device="cpu", speed_check=lambda: throughput.bf16_speedup(
-        create_mae(base.model.name, **base.model.overrides()), (3, base.model.img_size, base.model.img_size)))
+    choice = throughput.resolve_precision(base.run.precision, device="cpu")
     print(f"# precision {base.run.precision} -> {choice}")
 
     def cfg() -> PretrainConfig:  # a fresh config per measurement, at the resolved precision

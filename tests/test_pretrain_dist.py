@@ -109,12 +109,12 @@ def _worker(shards: str, run_dir: str) -> int:
     stream.pretrain_loader = lambda *a, **k: Recording(real_loader(*a, **k))
     pretrain.create_mae = create
 
-    # run.precision=auto: the ranks would decide differently (rank 1 "measures" bf16 as faster); the
+    # run.precision=auto: were the ranks to decide differently (rank 1 "sees" bf16 units); the
     # main process's choice (fp32, so the test stays in fp32) must reach every rank
     from maevit.train import precision as throughput
 
     real_resolve, choices = throughput.resolve_precision, []
-    throughput._gather_choice = lambda device, speed_check: throughput.PrecisionChoice(
+    throughput._gather_choice = lambda device: throughput.PrecisionChoice(
         "fp32" if rank == 0 else "bf16", f"rank {rank}'s own view")
 
     def resolve(*a, **k):

@@ -39,7 +39,7 @@ from maevit.train.inputs import describe_data, label_args, labeled_for_rank, num
 from maevit.train.memory import log_memory_estimate
 from maevit.train.optim import build_adamw, param_groups_layer_decay
 from maevit.train.perf import meter_for
-from maevit.train.precision import bf16_speedup, make_accelerator, resolve_run_precision
+from maevit.train.precision import make_accelerator, resolve_run_precision
 from maevit.train.schedule import plan_for
 from maevit.train.sections import AdamWSection, ClassifierModelSection, LabeledDataSection, RunBase
 
@@ -181,8 +181,7 @@ class FinetuneTask(Task):
         with building_model():
             model = self.model = create_classifier(m.name, self.num_classes, pretrained=m.pretrained,
                                                    global_pool=m.global_pool, strict=m.strict, **m.overrides())
-        self.precision = resolve_run_precision(  # auto: bf16 where native and faster for this model (RNG kept)
-            cfg.run, speed_check=lambda: bf16_speedup(model, (3, *model.img_size)))
+        self.precision = resolve_run_precision(cfg.run)  # auto: from the hardware, the same for every run
         self.acc = make_accelerator(self.precision, cfg.optim.accum_steps, cfg.run.dir)
         return self.acc, model
 

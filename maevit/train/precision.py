@@ -38,30 +38,26 @@ class PrecisionChoice:
         return f"{self.precision} ({self.reason})"
 
 
-MIN_CPU_BF16_SPEEDUP = 1.1  # bf16 must beat fp32 by this much (a margin for timing noise)
-
-
 def choose_precision(
     device_type: str,
     *,
     bf16_supported: bool,
     bf16_native: list[str] | tuple[str, ...] = (),
-    bf16_speedup: float | None = None,
-    speedup_of: str = "the training step",
     device_name: str = "",
-    min_speedup: float = MIN_CPU_BF16_SPEEDUP,
 ) -> PrecisionChoice:
-    """``run.precision=auto``: bf16 autocast where it is native and pays off, fp32 otherwise.
+    """``run.precision=auto``: a pure function of the hardware, so identical runs make identical choices.
+
+    bf16 autocast on CUDA GPUs with native bf16 and on CPUs with bf16 *matrix* units (``amx_bf16``:
+    a bf16 matmul there runs ~6x an fp32 one); fp32 elsewhere, including CPUs with only the
+    ``avx512_bf16`` vector instructions (a bf16 matmul ~1.5x, the whole step ~1.2x: not worth
+    results that differ from fp32). A timing check never decides: timings on a shared machine vary
+    from run to run, and two runs of one command must train the same model.
 
     Args:
         device_type: "cuda", "cpu", ...
         bf16_supported: the device runs bf16 natively (CUDA: compute capability >= 8.0).
-        bf16_native: CPU: the bf16 instruction-set flags found (e.g. ``["avx512_bf16"]``);
-            empty means bf16 would be emulated.
-        bf16_speedup: CPU: measured speed in bf16 autocast / speed in fp32; None if not measured.
-        speedup_of: what was timed, for the message.
+        bf16_native: CPU: the bf16 instruction-set flags found (e.g. ``["avx512_bf16", "amx_bf16"]``).
         device_name: for the message.
-        min_speedup: CPU: the speed-up bf16 must show to be chosen.
     """
     if device_type == "cuda":
         if bf16_supported:
@@ -72,14 +68,10 @@ def choose_precision(
         if not bf16_native:
             return PrecisionChoice("fp32", "CPU has no native bf16 units (no avx512_bf16 / amx_bf16 / bf16 flag): "
                                            "bf16 would be emulated and slower")
-        flags = " and ".join(bf16_native)
-        if bf16_speedup is None:
-            return PrecisionChoice("fp32", f"CPU has {flags} but the bf16 speed check did not run")
-        if bf16_speedup >= min_speedup:
-            return PrecisionChoice("bf16", f"CPU has {flags} and {speedup_of} ran {bf16_speedup:.2f}x as fast "
-                                           f"in bf16 as in fp32")
-        return PrecisionChoice("fp32", f"CPU has {flags} but {speedup_of} ran only {bf16_speedup:.2f}x as fast "
-                                       f"in bf16 as in fp32 (bf16 needs >= {min_speedup:.2f}x)")
+        if "amx_bf16" in bf16_native:
+            return PrecisionChoice("bf16", "CPU has bf16 matrix units (amx_bf16)")
+        return PrecisionChoice("fp32", f"CPU has {' and '.join(bf16_native)} but no bf16 matrix units (amx_bf16): "
+                                       f"bf16 would gain little there; run.precision=bf16 uses it anyway")
     return PrecisionChoice("fp32", f"auto chooses bf16 only on CUDA GPUs and CPUs with bf16 units, not on "
                                    f"{device_type}; set run.precision explicitly")
 
@@ -160,7 +152,7 @@ def bf16_speedup(model: nn.Module, img_shape: tuple[int, int, int], *, batch_siz
     return med[False] / med[True]
 
 
-def _gather_choice(device: torch.device, speed_check: Callable[[], float] | None) -> PrecisionChoice:
+def _gather_choice(device: torch.device) -> PrecisionChoice:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         try:
@@ -170,33 +162,22 @@ def _gather_choice(device: torch.device, speed_check: Callable[[], float] | None
         return choose_precision("cuda", bf16_supported=native, device_name=name)
     if device.type == "cpu":
         flags = cpu_bf16_flags()
-        speedup, what = None, "the training step"
-        if flags and speed_check is not None:
-            speedup = speed_check()
-        elif flags:
-            rates = cpu_matmul_tflops(("fp32", "bf16"))
-            speedup, what = rates["bf16"] / rates["fp32"], "a 1024 x 1024 matmul"
-        return choose_precision("cpu", bf16_supported=bool(flags), bf16_native=flags, bf16_speedup=speedup,
-                                speedup_of=what)
+        return choose_precision("cpu", bf16_supported=bool(flags), bf16_native=flags)
     return choose_precision(device.type, bf16_supported=False)
 
 
 def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, *, fresh: bool = False,
-                      device: torch.device | str | None = None,
-                      speed_check: Callable[[], float] | None = None) -> PrecisionChoice:
+                      device: torch.device | str | None = None) -> PrecisionChoice:
     """Resolve ``run.precision`` (``auto`` or explicit) for this process's device.
 
     ``auto`` is decided once per run: a resumed run keeps the precision its checkpoint
     records (so resume stays exact), and with several processes the main process decides
-    and the others follow (they would otherwise time the bf16 check differently).
+    and the others follow.
 
     Args:
         requested: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
         run_dir: the run directory (for the recorded choice); ``fresh``: ignore it.
         device: default: the device Accelerate assigns to this process.
-        speed_check: CPU with bf16 units: returns the bf16 / fp32 speed ratio of the real
-            training step (e.g. :func:`bf16_speedup` of a throwaway model); called only when
-            needed. Without it, the ratio of a bf16 to an fp32 matmul decides.
     """
     if requested not in PRECISIONS:
         raise ValueError(f"run.precision={requested!r}: expected one of {', '.join(PRECISIONS)}")
@@ -214,7 +195,7 @@ def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, 
         if old is not None:
             choice = PrecisionChoice(old, "recorded in the checkpoint being resumed")
         else:
-            choice = _gather_choice(device, speed_check)
+            choice = _gather_choice(device)
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -224,10 +205,10 @@ def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, 
     return choice
 
 
-def resolve_run_precision(run: Any, speed_check: Any = None) -> str:
+def resolve_run_precision(run: Any) -> str:
     """``run.precision`` for this device: ``auto`` becomes bf16 or fp32 (logged with the reason; a resumed
     run keeps its recorded choice; rank 0 decides for all). See :func:`resolve_precision`."""
-    choice = resolve_precision(run.precision, run.dir, fresh=run.fresh, speed_check=speed_check)
+    choice = resolve_precision(run.precision, run.dir, fresh=run.fresh)
     if run.precision == "auto":
         logger.info("precision auto -> %s", choice)
     return choice.precision

@@ -34,7 +34,7 @@ from maevit.train.inputs import describe_data, resolve_num_workers, unlabeled_fo
 from maevit.train.memory import log_memory_estimate
 from maevit.train.optim import build_adamw, param_groups
 from maevit.train.perf import compile_blocks, meter_for
-from maevit.train.precision import bf16_speedup, make_accelerator, resolve_run_precision
+from maevit.train.precision import make_accelerator, resolve_run_precision
 from maevit.train.schedule import plan_for
 from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, AdamWSection, DataSection, ModelSection, RunBase
 from maevit.train.step import NonFiniteLossError
@@ -164,8 +164,7 @@ class PretrainTask(Task):
         with building_model():  # before open_run: a bad name or size changes no files
             model = self.model = create_mae(cfg.model.name, **cfg.model.overrides())
         img_shape = (3, *model.encoder.img_size)  # the loader's RGB images
-        self.precision = resolve_run_precision(  # auto: bf16 where native and faster for this model (RNG kept)
-            cfg.run, speed_check=lambda: bf16_speedup(model, img_shape))
+        self.precision = resolve_run_precision(cfg.run)  # auto: from the hardware, the same for every run
         acc = self.acc = make_accelerator(self.precision, cfg.optim.accum_steps, cfg.run.dir)
         logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device,
                     self.precision)
