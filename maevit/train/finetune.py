@@ -33,6 +33,7 @@ from maevit.train import runs
 from maevit.train.command import building_model, run_recipe_command
 from maevit.train.curves import FINETUNE_PANELS, save_run_curves
 from maevit.train.distill import DistillConfig, build_teacher, distillation_loss
+from maevit.train.file_defaults import fill_from_weights
 from maevit.train.engine import EmaHook, Hook, Loop, Setup, Task, fit, summary_fields
 from maevit.train.evaluate import evaluate_classifier
 from maevit.train.inputs import describe_data, label_args, labeled_for_rank, num_classes_of, stream_args
@@ -56,7 +57,7 @@ class ModelConfig(ClassifierModelSection):
     name: str | None = None  # registered name; None: the one `pretrained` names (required from scratch)
     global_pool: Literal["avg", "token"] = "avg"  # MAE fine-tuning: avg + fc_norm
     drop_path: float = 0.1  # stochastic depth (MAE: B 0.1, L 0.2, H 0.3)
-    img_size: int = 224  # fine-tuning resolution; pretrained position tables are resampled
+    img_size: int | None = None  # fine-tuning resolution; None: the one `pretrained` records (else 224)
     patch_size: int | None = None  # shorthand for args.patch_size (models built from scratch)
     args: dict[str, Any] = field(default_factory=dict)  # encoder arguments on top of the file's (see `maevit models`)
     strict: bool = True  # every encoder weight must come from `pretrained` (head / fc_norm are new)
@@ -161,6 +162,9 @@ class FinetuneTask(Task):
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
+
+    def resolve(self, cfg: FinetuneConfig) -> FinetuneConfig:
+        return fill_from_weights(cfg)  # size and mean / std of the weights file unless set
 
     def build(self):
         from accelerate import PartialState

@@ -35,6 +35,7 @@ from maevit.train.sections import (
 from maevit.train.evaluate import evaluate_classifier
 from maevit.train.knn import encoder_features, extract_features
 from maevit.models.weights import header_of, save_weights
+from maevit.train.file_defaults import fill_from_weights
 from maevit.train.engine import Loop, Policy, Setup, Task, fit
 from maevit.train.schedule import Schedule
 
@@ -173,6 +174,9 @@ class ProbeTask(Task):
 
     def __init__(self, cfg: ProbeConfig) -> None:
         self.cfg = cfg
+
+    def resolve(self, cfg: ProbeConfig) -> ProbeConfig:
+        return fill_from_weights(cfg)  # size and mean / std of the weights file unless set
 
     def build(self):
         from accelerate.utils import set_seed

@@ -18,6 +18,7 @@ from maevit.config import ConfigError
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DEFAULT_IMG_SIZE = 224  # ImageNet's, when neither the config nor a weights file says
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ClassifierModelSection(ModelSection):
     pretrained: str | None = None  # RUN_DIR, encoder / classifier file, MAE .pth, HF / timm weights; None: scratch
     num_classes: int | None = None  # default: the number of classes in data.train
     global_pool: Literal["avg", "token"] = "avg"  # how the head pools the tokens
+    img_size: int | None = None  # input side; None: the size `pretrained` was trained at (else 224)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class LabeledDataSection(DataSection):
     val: str | None = None  # evaluated during or after training; None = no evaluation
     label_fraction: float | None = None  # e.g. 0.1: a fixed, class-balanced subset of the labels
     label_seed: int = 0  # picks that subset
+    mean: tuple[float, float, float] | None = None  # input normalisation; None: the pretraining's (else ImageNet's)
+    std: tuple[float, float, float] | None = None  # None: the pretraining's (else ImageNet's)
 
 
 @dataclass
