@@ -99,7 +99,7 @@ RANGES: dict[str, Range] = {
     "run.max_nonfinite": _at_least(1), "run.peak_tflops": _positive(), "run.ckpt_every": _at_least(0),
     "run.viz_every": _at_least(0), "run.viz_images": _at_least(1), "run.probe_every": _at_least(0),
     "run.probe_k": _at_least(1), "run.ema": Range(0, 1, lo_open=True, hi_open=True),
-    "run.eval_every": _at_least(1),
+    "run.eval_every": _at_least(1), "run.hang_timeout": _at_least(0),
     # distill
     "distill.weight": _at_least(0), "distill.student_block": Range(hint="a block index; negative counts from the last block"), "distill.alpha": _UNIT,
     "distill.tau": _positive(),

@@ -11,6 +11,7 @@ CONFIG_FILE = "config.yaml"  # the resolved config
 METRICS_FILE = "metrics.jsonl"  # one JSON object per line, each with "step"
 CURVES_FILE = "curves.png"  # training curves drawn from the metrics
 IMAGES_DIR = "images"  # PNGs written during training (reconstruction grids)
+PROGRESS_DIR = ".progress"  # rank-R.json: each rank's last step, for the hang watchdog (maevit.train.watchdog)
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"  # in CHECKPOINTS_DIR: text, the name of the newest complete checkpoint
 CKPT_PREFIX = "step-"  # checkpoint directories: step-00001200

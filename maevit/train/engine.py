@@ -45,6 +45,7 @@ from maevit.train.progress import progress_bar, report_progress, start_trackers
 from maevit.train.schedule import Schedule
 from maevit.train.step import DivergedError, NonFiniteLossError, StepGuard
 from maevit.train.stopping import TrainingInterrupted, stop_requested
+from maevit.train.watchdog import Watchdog
 
 logger = logging.getLogger("maevit.engine")
 
@@ -60,6 +61,7 @@ class Policy:
         max_nonfinite: stop after this many non-finite steps in a row.
         progress: show the progress bar (main process).
         checkpoints: False: a task without checkpoints (the linear probe: short, always fresh).
+        hang_timeout: seconds without a step before a rank ends the job (:mod:`maevit.train.watchdog`); 0: off.
     """
 
     log_every: int
@@ -68,11 +70,13 @@ class Policy:
     max_nonfinite: int = 10
     progress: bool = True
     checkpoints: bool = True
+    hang_timeout: float = 0
 
     @classmethod
     def of(cls, run: Any) -> "Policy":
         return cls(log_every=run.log_every, ckpt_every=run.ckpt_every, keep_last=run.keep_last,
-                   max_nonfinite=run.max_nonfinite, progress=run.progress)
+                   max_nonfinite=run.max_nonfinite, progress=run.progress,
+                   hang_timeout=getattr(run, "hang_timeout", 0))
 
 
 @dataclass
@@ -244,6 +248,7 @@ class Loop:
         self.confirmed_at = self.saved_at
         self.held: str | None = None  # why the last checkpoint was held back (the run is diverging), or None
         self.stopping = False
+        self.watchdog = Watchdog(s.run.root, self.acc.process_index, self.acc.num_processes, self.policy.hang_timeout)
         for hook in s.hooks:
             if ckpt is not None:
                 hook.on_resume(self, self.state)
@@ -256,10 +261,11 @@ class Loop:
         self.bar = progress_bar(cfg.progress and self.acc.is_main_process, last, self.step)
         self._t_log, self._step_log = time.perf_counter(), self.step
         self._call("on_start")
+        self.watchdog.start()
         while self.step < last and not self.stopping:
             if self.batch < batches_per_epoch:  # (a resume at the very end of an epoch goes to its end at once)
                 batches = batches_from(s.loader, self.epoch, self.batch)
-                for item in s.meter.timed(batches) if s.meter else batches:  # data-wait time
+                for item in self._watched(s.meter.timed(batches) if s.meter else batches):  # data-wait time
                     with self.acc.accumulate(self.model):
                         out = self.task.loss(item)
                         self.acc.backward(out["loss"])
@@ -269,16 +275,19 @@ class Loop:
                     if not self.acc.sync_gradients:
                         continue
                     self.step += 1
+                    self.watchdog.beat(self.step)
                     self.bar.update(1)
                     self._call("after_step")
                     if self.step % cfg.log_every == 0 or self.step == last:
                         self.log_row()
+                    self.watchdog.pause()  # grids, probes and checkpoints may take long
                     self._call("after_log")
                     # a stop on any rank: every rank saves and stops after this step (the last step ends anyway)
                     self.stopping = self.stop_requested() and self.step < last
                     if cfg.checkpoints and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0)
                                             or self.step == last or self.stopping):
                         self.checkpoint()
+                    self.watchdog.resume()
                     if self.stopping or self.step >= last or self.batch >= batches_per_epoch:
                         break
                 else:
@@ -286,9 +295,23 @@ class Loop:
             if self.stopping or self.batch < batches_per_epoch:
                 break  # a stop, or optim.max_steps inside the epoch
             self.epoch, self.batch = self.epoch + 1, 0
+            self.watchdog.pause()  # evaluation
             self._call("on_epoch_end")
             if cfg.checkpoints and not cfg.ckpt_every and self.step < last:
                 self.checkpoint()  # epoch boundary (the last step is saved inside the loop)
+            self.watchdog.resume()
+
+    def _watched(self, batches):
+        """The training batches, telling the watchdog when this rank waits for data."""
+        it = iter(batches)
+        while True:
+            self.watchdog.waiting_for_data()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.watchdog.computing()
+            yield item
 
     def stop_requested(self) -> bool:
         """Whether any rank was asked to stop (Ctrl-C); called once per optimizer step on every rank."""
@@ -396,7 +419,8 @@ class Loop:
             getattr(hook, name)(self)
 
     def close(self) -> dict[str, int]:
-        """Close the bar and the metrics file; returns (and logs) the skipped samples."""
+        """Close the bar, the watchdog and the metrics file; returns (and logs) the skipped samples."""
+        self.watchdog.close()
         self.bar.close()
         self.metrics.close()
         return self.skips.report()
@@ -418,7 +442,10 @@ def fit(task: Task) -> dict[str, Any]:
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     start_trackers(acc, cfg)
     loop = Loop(task, task.start(run), ckpt)
-    loop.run_all()
+    try:
+        loop.run_all()
+    finally:
+        loop.watchdog.close()  # (also when the loop raises: no thread may outlive it)
     loop.skipped = loop.close()
     if loop.held is not None:  # ended (or stopped) inside a divergence: export nothing
         acc.end_training()

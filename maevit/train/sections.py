@@ -101,12 +101,16 @@ class AdamWSection(OptimSection):
 class RunBase(RunSection):
     """``run`` of the commands on the loop with checkpoints (pretrain / finetune extend it)."""
 
-    KEY_ORDER = ("dir", "seed", "precision", "log_every", "keep_last", "max_nonfinite", "fresh", "progress")
+    KEY_ORDER = ("dir", "seed", "precision", "log_every", "keep_last", "max_nonfinite", "fresh", "progress",
+                 "hang_timeout")
 
     log_every: int = 50  # optimizer steps between metric rows (the only host syncs)
     keep_last: int = 2  # checkpoints kept
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     progress: bool = True  # tqdm progress bar on the main process
+    # seconds without a finished optimizer step before a rank ends the job, naming the rank that stopped
+    # (a frozen process, a stuck file system); evaluation and checkpoints are not counted; 0: off
+    hang_timeout: int = 1800
 
     def validate(self) -> None:
         for key in ("log_every", "keep_last", "max_nonfinite"):
