@@ -237,7 +237,8 @@ class Loop:
         self.step, self.epoch, self.batch = self.state["step"], self.state["epoch"], self.state["batch"]
         self.skips = SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
         self.metrics = MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,
-                                          resume_step=self.step if ckpt is not None else None)
+                                     resume_step=self.step if ckpt is not None else None,
+                                     resume_rows=self.state.get("metrics_rows") if ckpt is not None else None)
         self.guard = StepGuard(self.acc.device, self.state["nonfinite_steps"])
         self.parts: dict[str, torch.Tensor] = {}  # loss parts summed on the device between log rows
         self.row: dict[str, Any] = {}
@@ -331,7 +332,7 @@ class Loop:
         self.confirmed_at = self.saved_at  # healthy since it was written
         self.state.update(step=self.step, epoch=self.epoch, batch=self.batch,
                           nonfinite_steps=int(self.guard.bad_total.item()), skipped=self.skips.totals(),
-                          model=self.s.header)
+                          model=self.s.header, metrics_rows=self.metrics.rows)  # (the main process writes it)
         for hook in self.s.hooks:
             hook.before_checkpoint(self, self.step)
         runs.save_checkpoint(self.acc, self.run, self.step, self.state, keep_last=self.policy.keep_last,

@@ -30,27 +30,41 @@ class MetricsLogger:
         path: the ``metrics.jsonl`` file.
         enabled: False on non-main processes (then every call is a no-op).
         resume_step: the step of the checkpoint being resumed; None for a run starting at step 0.
+        resume_rows: how many rows the file had when that checkpoint was written (``rows``, saved in it):
+            exactly those are kept, so a row written after the checkpoint at its own step (an evaluation
+            at an epoch's last step) is not doubled when the resumed run writes it again. None (older
+            checkpoints): the rows up to ``resume_step``.
+
+    Attributes:
+        rows: rows in the file so far (what a checkpoint records).
     """
 
-    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
+                 resume_rows: int | None = None) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self._file = None
+        self.rows = 0
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
             start = 0 if resume_step is None else resume_step
             rows = read_metrics(self.path)
-            kept = [r for r in rows if r.get("step", 0) <= start]
-            if len(kept) < len(rows):  # kept aside, never deleted: they are the record of what happened
+            if resume_step is not None and resume_rows is not None:
+                kept, dropped = rows[:resume_rows], rows[resume_rows:]
+            else:
+                kept = [r for r in rows if r.get("step", 0) <= start]
+                dropped = [r for r in rows if r.get("step", 0) > start]
+            if dropped:  # kept aside, never deleted: they are the record of what happened
                 replaced = self.path.with_name(self.path.stem + "-replaced.jsonl")
                 with open(replaced, "a") as f:
                     f.writelines(json.dumps({**r, "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
-                                 for r in rows if r.get("step", 0) > start)
+                                 for r in dropped)
                 logger.info("%s: %d rows after step %d, left by an interrupted run, moved to %s; those steps run "
                             "again", self.path, len(rows) - len(kept), start, replaced.name)
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.rows = len(kept)
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most one line
 
     def log(self, step: int, **metrics: Any) -> None:
@@ -62,6 +76,7 @@ class MetricsLogger:
             row[key] = value.item() if hasattr(value, "item") else value
         try:
             self._file.write(json.dumps(row) + "\n")
+            self.rows += 1
         except OSError as exn:
             if exn.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
