@@ -233,15 +233,15 @@ class Loop:
         self.step, self.epoch, self.batch = self.state["step"], self.state["epoch"], self.state["batch"]
         self.skips = SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
         self.metrics = MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,
-                                          resume_step=self.step if ckpt is not None else None)
+                                     resume_step=self.step if ckpt is not None else None)
         self.guard = StepGuard(self.acc.device, self.state["nonfinite_steps"])
         self.parts: dict[str, torch.Tensor] = {}  # loss parts summed on the device between log rows
         self.row: dict[str, Any] = {}
         self.losses: list[float] = []
         self.saved_at = self.step if ckpt is not None else -1
         self.stopping = False
-        for hook in s.hooks:
-            if ckpt is not None:
+        if ckpt is not None:
+            for hook in s.hooks:
                 hook.on_resume(self, self.state)
 
     # ------------------------------------------------------------------ the loop
