@@ -60,6 +60,7 @@ class Policy:
         max_nonfinite: stop after this many non-finite steps in a row.
         progress: show the progress bar (main process).
         checkpoints: False: a task without checkpoints (the linear probe: short, always fresh).
+        desc: the progress bar's label (None: none).
     """
 
     log_every: int
@@ -68,6 +69,7 @@ class Policy:
     max_nonfinite: int = 10
     progress: bool = True
     checkpoints: bool = True
+    desc: str | None = None
 
     @classmethod
     def of(cls, run: Any) -> "Policy":
@@ -249,7 +251,7 @@ class Loop:
         s, cfg = self.s, self.policy
         last = s.schedule.last_step
         batches_per_epoch = s.schedule.steps_per_epoch * self.acc.gradient_accumulation_steps  # ragged tail skipped
-        self.bar = progress_bar(cfg.progress and self.acc.is_main_process, last, self.step)
+        self.bar = progress_bar(cfg.progress and self.acc.is_main_process, last, self.step, desc=cfg.desc)
         self._t_log, self._step_log = time.perf_counter(), self.step
         self._call("on_start")
         while self.step < last and not self.stopping:
