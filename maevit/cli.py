@@ -11,7 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("maevit.train.finetune:main_finetune", "fine-tune a pretrained encoder for classification"),
     "probe": ("maevit.train.probe:main_probe", "linear probe on a frozen encoder"),
     "eval": ("maevit.train.evaluate:main_eval", "evaluate a classifier: top-1/5, per class, confusion matrix"),
-    "visualize": ("maevit.viz:main", "reconstruction grids from an MAE checkpoint"),
+    "visualize": ("maevit.visualize:main", "reconstruction grids from an MAE checkpoint"),
     "shards": ("maevit.data.shards:main", "write / inspect / check webdataset shards"),
     "export": ("maevit.export:main", "export encoder weights with their architecture (timm-loadable where timm can)"),
     "demo": ("maevit.demo:main", "MAE-pretrained vs from scratch on the shipped photos, in minutes"),

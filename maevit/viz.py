@@ -1,4 +1,4 @@
-"""Reconstruction grids: ``maevit visualize CHECKPOINT --data SRC --out grid.png``.
+"""Reconstruction grids (the command, ``maevit visualize``, is :mod:`maevit.visualize`).
 
 One row per image: original | masked input | reconstruction | reconstruction
 with the visible patches pasted back. With ``norm_pix_loss`` the model predicts
@@ -7,8 +7,6 @@ variance of each *target* patch (what the loss normalised by) before display.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +14,6 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
-from maevit.config import RANGES, Range, ranged
 from maevit.models import patchify, unpatchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -164,66 +161,3 @@ def save_reconstruction_grid(
     from maevit.fileio import save_image_atomic
 
     return save_image_atomic(_annotate(grid, names, w * factor, pad, note), path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``maevit visualize CHECKPOINT [--data SRC] [--out grid.png]``."""
-    parser = argparse.ArgumentParser(prog="maevit visualize", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a pretraining run directory, a checkpoints/step-* directory, or MAE weights")
-    parser.add_argument("--data", help="images to show (shards, folder, 'sample:val', 'bundled'); default: the run's data.train")
-    parser.add_argument("--out", default="reconstruction.png", help="output PNG")
-    parser.add_argument("--model", help="model name, for weights files that do not name theirs (see `maevit models`)")
-    parser.add_argument("--img-size", type=ranged(int, Range(1)), help="default: the file's")
-    parser.add_argument("--num-images", type=ranged(int, Range(1)), default=8)
-    parser.add_argument("--mask-ratio", type=ranged(float, RANGES["model.mask_ratio"]), default=None,
-                        help="default: the model's")
-    parser.add_argument("--seed", type=ranged(int, Range(0)), default=0, help="picks the images and the masks")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    from maevit.data.stream import pretrain_loader, resolve_source
-    from maevit.models import create_mae, read_header
-    from maevit.train.command import setup_logging, usage_errors
-
-    setup_logging()
-    try:
-        header = read_header(args.checkpoint)
-        if header.get("kind") == "classifier":
-            raise ValueError(f"{args.checkpoint} holds a fine-tuned classifier, which has no decoder to reconstruct "
-                             "with: pass a pretraining run directory or an MAE checkpoint")
-        overrides = {k: v for k, v in (("img_size", args.img_size), ("mask_ratio", args.mask_ratio)) if v is not None}
-        model = create_mae(args.model, checkpoint=args.checkpoint, **overrides).eval()
-        data, mean, std = _run_data(args.checkpoint, header)
-        data = args.data or data
-        if not data:
-            raise ValueError("pass --data SRC (shards, an image folder, 'sample:val' or 'bundled'): the checkpoint does not say "
-                             "which data it was trained on")
-        source = resolve_source(data)
-        num_images = min(args.num_images, source.num_samples)  # a small folder: all of it
-        loader = pretrain_loader(source, img_size=model.encoder.img_size[0], batch_size=num_images, num_workers=0,
-                                 seed=args.seed, scale=(1.0, 1.0), shuffle_buffer=num_images, mean=mean, std=std)
-        imgs = next(iter(loader))
-    except (*usage_errors(), ValueError) as e:
-        print(f"maevit visualize: error: {e}", file=sys.stderr)
-        return 2
-    path = save_reconstruction_grid(model, imgs, args.out, seed=args.seed, mean=mean, std=std)
-    print(f"wrote {path} ({len(imgs)} rows: original | masked | reconstruction | reconstruction + visible)")
-    return 0
-
-
-def _run_data(checkpoint: str, header: dict) -> tuple[str | None, Sequence[float], Sequence[float]]:
-    """(data.train, mean, std) of the pretraining run a checkpoint belongs to, where it says."""
-    import yaml
-
-    from maevit.models.weights import find_weights_file
-
-    path = find_weights_file(checkpoint)
-    for run_dir in (path.parent, path.parent.parent, path.parent.parent.parent):
-        cfg_file = run_dir / "config.yaml"
-        if cfg_file.is_file():
-            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
-            return data.get("train"), data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
-    return None, header.get("mean", IMAGENET_MEAN), header.get("std", IMAGENET_STD)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

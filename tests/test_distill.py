@@ -287,6 +287,9 @@ def test_pretraining_with_a_feature_teacher_resumes_exactly(tmp_path, one_thread
     assert train(cfg(tmp_path / "part", "optim.max_steps=4"))["resumed_from"].endswith("step-00000002")
     rows = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
     assert rows(tmp_path / "part") == rows(tmp_path / "full") and len(rows(tmp_path / "full")) == 4
+    # the loss's parts are logged beside it (means over the same micro-batches): loss = pixel + weight x feature
+    for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()):
+        assert r["loss"] == pytest.approx(r["loss_pixel"] + 0.5 * r["loss_distill"], rel=1e-5)
     a, b = tmp_path / "full" / "checkpoints" / "step-00000004", tmp_path / "part" / "checkpoints" / "step-00000004"
     for name in ("model.safetensors", "model_1.safetensors"):  # the MAE, then the projection
         wa, wb = load_file(a / name), load_file(b / name)

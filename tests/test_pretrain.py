@@ -74,7 +74,7 @@ def test_end_to_end_run_dir(tmp_path):
     with Image.open(run_dir / "images" / grids[-1]) as im:
         assert im.size[0] == 4 * 132 + 4 and im.size[1] > 4 * 132 + 4
     # `maevit visualize RUN_DIR` rebuilds the model from config.yaml and the latest checkpoint
-    from maevit.viz import main as visualize
+    from maevit.visualize import main as visualize
 
     out = tmp_path / "grid.png"
     assert visualize([str(run_dir), "--data", "bundled:val", "--out", str(out), "--num-images", "2"]) == 0

@@ -281,6 +281,28 @@ def test_finetune_sigint_checkpoints_and_resumes(files, tmp_path, monkeypatch, c
 # ----------------------------------------------------------------------------- what there is to watch
 
 
+def test_probe_sigint_stops_with_130_and_writes_no_head(tmp_path, monkeypatch, capsys):
+    """The probe has no checkpoints: Ctrl-C stops it after the step (exit 130, "interrupted"), nothing exported."""
+    import maevit.train.probe as pr
+
+    real = pr.FeatureBatches.__iter__
+
+    def interrupting(self):
+        for i, item in enumerate(real(self)):
+            if i == 1:
+                signal.raise_signal(signal.SIGINT)
+            yield item
+
+    monkeypatch.setattr(pr.FeatureBatches, "__iter__", interrupting)
+    assert cli(["probe", "model.name=mae_vit_tiny_patch16", "model.img_size=32",
+                "model.args={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}", "data.train=bundled:val",
+                "data.num_workers=0", "data.batch_size=32", "optim.epochs=5", f"run.dir={tmp_path / 'probe'}"]) == 130
+    assert "maevit probe: interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "probe" / "probe_head.safetensors").exists()
+    steps = [r["step"] for r in runs.read_metrics(tmp_path / "probe" / "metrics.jsonl")]
+    assert steps == []  # stopped at step 2, before the first row (one per epoch)
+
+
 def test_curves_written_for_pretraining_and_finetuning(files):
     from PIL import Image
 

@@ -61,6 +61,7 @@ class Policy:
         max_nonfinite: stop after this many non-finite steps in a row.
         progress: show the progress bar (main process).
         checkpoints: False: a task without checkpoints (the linear probe: short, always fresh).
+        desc: the progress bar's label (None: none).
         hang_timeout: seconds without a step before a rank ends the job (:mod:`maevit.train.watchdog`); 0: off.
     """
 
@@ -70,6 +71,7 @@ class Policy:
     max_nonfinite: int = 10
     progress: bool = True
     checkpoints: bool = True
+    desc: str | None = None
     hang_timeout: float = 0
 
     @classmethod
@@ -250,8 +252,8 @@ class Loop:
         self.held: str | None = None  # why the last checkpoint was held back (the run is diverging), or None
         self.stopping = False
         self.watchdog = Watchdog(s.run.root, self.acc.process_index, self.acc.num_processes, self.policy.hang_timeout)
-        for hook in s.hooks:
-            if ckpt is not None:
+        if ckpt is not None:
+            for hook in s.hooks:
                 hook.on_resume(self, self.state)
 
     # ------------------------------------------------------------------ the loop
@@ -259,7 +261,7 @@ class Loop:
         s, cfg = self.s, self.policy
         last = s.schedule.last_step
         batches_per_epoch = s.schedule.steps_per_epoch * self.acc.gradient_accumulation_steps  # ragged tail skipped
-        self.bar = progress_bar(cfg.progress and self.acc.is_main_process, last, self.step)
+        self.bar = progress_bar(cfg.progress and self.acc.is_main_process, last, self.step, desc=cfg.desc)
         self._t_log, self._step_log = time.perf_counter(), self.step
         self._call("on_start")
         self.watchdog.start()

@@ -229,7 +229,7 @@ class ProbeTask(Task):
         return Setup(acc=acc, run=run, model=model.head, optimizer=optimizer, loader=loader, schedule=sched,
                      params=[p for p in model.head.parameters() if p.requires_grad], eff_batch=eff_batch,
                      meter=None, header=header, precision=self.precision,
-                     policy=Policy(log_every=steps, checkpoints=False))
+                     policy=Policy(log_every=steps, checkpoints=False, desc="probe"))
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
         x, y = (t.to(self.acc.device) for t in batch)
