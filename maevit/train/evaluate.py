@@ -229,8 +229,11 @@ def load_classifier(path: str | os.PathLike, *, name: str | None = None, img_siz
         p = RunDir(p).classifier_path
     header = read_header(p)
     if header.get("kind") not in (None, "classifier"):
-        raise CheckpointError(f"{path} holds an {header['kind']}, not a classifier: fine-tune it first "
-                              "(maevit finetune model.pretrained=...)")
+        what = {"mae": "a pretrained MAE (encoder and decoder)", "encoder": "a pretrained encoder",
+                "probe_head": "a linear probe's head (`maevit probe` reports its accuracy itself)"}
+        raise CheckpointError(f"{path} holds {what.get(header['kind'], repr(header['kind']))}, not a classifier: "
+                              f"fine-tune it first (maevit finetune model.pretrained={path} data.train=LABELED), then "
+                              f"evaluate that run directory")
     sd = encoder_state_dict(p)
     # timm's classifier layer: head (ViT, DeiT), head.fc (Swin, Hiera: pooling / norm live in the head), fc (ResNet)
     head_key = next((k for k in ("head.weight", "head.fc.weight", "fc.weight") if k in sd), None)
