@@ -56,3 +56,18 @@ def test_a_curve_that_cannot_be_drawn_never_stops_the_run(tmp_path, monkeypatch,
         rc = main([*TINY, f"run.dir={run_dir}", "optim.max_steps=3", "run.ckpt_every=2"])
     assert rc == 0 and (run_dir / "encoder.safetensors").is_file()
     assert "could not draw" in caplog.text and "training goes on" in caplog.text
+
+
+def test_a_reconstruction_grid_that_cannot_be_written_never_stops_the_run(tmp_path, monkeypatch, caplog):
+    import maevit.viz as viz
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(viz, "save_reconstruction_grid", full)
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("run.viz_every")]
+    with caplog.at_level("WARNING"):
+        rc = main([*args, f"run.dir={run_dir}", "optim.max_steps=2", "run.viz_every=1", "run.viz_images=2"])
+    assert rc == 0 and (run_dir / "encoder.safetensors").is_file()
+    assert "recon-00000001.png" in caplog.text and "training goes on" in caplog.text

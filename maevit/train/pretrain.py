@@ -271,10 +271,14 @@ class _Grids(Hook):
 
         # the model is not put in eval mode: MAE pretraining has no dropout, and a mode switch would
         # recompile a compiled model
-        with loop.acc.autocast():
-            save_reconstruction_grid(loop.acc.unwrap_model(loop.model), self.imgs.to(loop.acc.device),
-                                     self.dir / f"recon-{loop.step:08d}.png", seed=0, mean=self.cfg.data.mean,
-                                     std=self.cfg.data.std)
+        path = self.dir / f"recon-{loop.step:08d}.png"
+        try:  # a picture never stops a run (a full disk, an image library problem): a warning
+            with loop.acc.autocast():
+                save_reconstruction_grid(loop.acc.unwrap_model(loop.model), self.imgs.to(loop.acc.device), path,
+                                         seed=0, mean=self.cfg.data.mean, std=self.cfg.data.std)
+        except Exception as exn:  # noqa: BLE001
+            logger.warning("could not draw %s (%s: %s); training goes on without it", path, type(exn).__name__,
+                           str(exn).strip().splitlines()[0][:200] if str(exn).strip() else "")
 
 
 class _KnnProbe(Hook):
