@@ -607,18 +607,23 @@ _SRET_COMMON = dict(depths=(4, 10, 6), recursions=(2, 5, 3), groups=((8, 2), (4,
 # smoke: every stage, one unique block applied twice (so the permuted loop runs), 2x2 mask units
 _SMOKE = dict(img_size=64, embed_dims=[16, 32, 64], num_heads=[1, 2, 4], depths=[2, 2, 2], recursions=[1, 1, 1])
 
+# MAE settings that suit SReT: a convolutional stem and a pyramid masked at the coarsest stride, so
+# FCMAE / SparK's 0.6; fine-tuning decays the lr over its stages (stem, stages, head)
+_PRETRAIN = dict(mask_ratio=0.6)
+_FINETUNE = dict(layer_decay=0.9, layer_decay_by="stage")
+
 
 def _sret(kwargs: dict, size: str) -> SReTEncoder:
     return build_encoder(SReTEncoder, kwargs, **SRET_SIZES[size], **_SRET_COMMON)
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_sret_tiny(**kwargs) -> SReTEncoder:
     """SReT-T (4.5M encoder parameters, 4.8M with an ImageNet head as published); masked at 32 px."""
     return _sret(kwargs, "tiny")
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_sret_small(**kwargs) -> SReTEncoder:
     """SReT-S (20.4M encoder parameters, 20.9M with an ImageNet head as published); masked at 32 px."""
     return _sret(kwargs, "small")

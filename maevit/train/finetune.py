@@ -21,9 +21,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from maevit.config import ConfigError
+from maevit.config import ConfigError, fill_unset
 from maevit.data.transforms import DEFAULT_MAX_PIXELS
-from maevit.models import create_classifier
+from maevit.models import create_classifier, family_defaults
+from maevit.models.classifier import resolve_architecture
 from maevit.models.weights import header_of, save_weights, timm_load_line
 from maevit.train import runs, throughput
 from maevit.train.common import (
@@ -48,7 +49,7 @@ class ModelConfig:
     pretrained: str | None = None  # RUN_DIR, encoder / classifier file, MAE .pth, HF / timm weights; None: scratch
     num_classes: int | None = None  # default: the number of classes in data.train
     global_pool: Literal["avg", "token"] = "avg"  # MAE fine-tuning: avg + fc_norm
-    drop_path: float = 0.1  # stochastic depth (MAE: B 0.1, L 0.2, H 0.3)
+    drop_path: float | None = None  # stochastic depth (MAE: B 0.1, L 0.2, H 0.3); None: the model's
     img_size: int = 224  # fine-tuning resolution; pretrained position tables are resampled
     patch_size: int | None = None  # shorthand for args.patch_size (models built from scratch)
     args: dict[str, Any] = field(default_factory=dict)  # encoder arguments on top of the file's (see `maevit models`)
@@ -90,7 +91,9 @@ class DataConfig:
 class OptimConfig:
     epochs: int = 100  # length of the schedule (MAE: B 100, L / H 50)
     base_lr: float = 5e-4  # peak lr = base_lr x effective batch / 256 (MAE ViT-B: 5e-4)
-    layer_decay: float = 0.65  # per-block lr factor (MAE: B 0.65, L / H 0.75); 1.0 = off
+    layer_decay: float | None = None  # lr factor per block / stage (MAE: B 0.65, L / H 0.75); 1.0 = off; None: the model's
+    layer_decay_by: Literal["block", "stage"] | None = None  # layer-decay groups; None: the model's
+    layer_decay_exempt: list[str] | None = None  # parameter patterns at the full lr (e.g. a CNN stem); None: the model's
     weight_decay: float = 0.05  # not on biases, norms, position tables, tokens
     warmup_epochs: float = 5.0  # linear warm-up, then per-step cosine decay
     min_lr: float = 1e-6  # the lr at the end of the cosine
@@ -101,7 +104,7 @@ class OptimConfig:
     def validate(self) -> None:
         if self.accum_steps < 1:
             raise ConfigError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
-        if not 0.0 < self.layer_decay <= 1.0:
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
 
 
@@ -164,6 +167,14 @@ def _evaluate(acc, model, ema, val_loader, num_classes: int) -> tuple[Any, dict[
     return result, row
 
 
+def _model_name(m: ModelConfig) -> str | None:
+    """The model to fine-tune: ``model.name``, else the one ``model.pretrained`` names (None if unknown yet)."""
+    try:
+        return resolve_architecture(m.name, m.pretrained)[0]
+    except Exception:  # noqa: BLE001  building the model reports what is wrong
+        return m.name
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or resume) a classifier as ``cfg`` says; returns a summary.
 
@@ -176,6 +187,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from accelerate.utils import parse_flag_from_env, set_seed
     from timm.utils import ModelEmaV3
 
+    cfg = fill_unset(cfg, family_defaults(_model_name(cfg.model), "finetune"))  # the model's settings where unset
     d, o, m = cfg.data, cfg.optim, cfg.model
     if not d.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
@@ -217,7 +229,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model.to(acc.device)
     meter = throughput.meter_for(  # FLOPs per image, peak, MFU
         model, (3, *model.img_size), acc.device, precision, num_processes=acc.num_processes, log=acc.is_main_process)
-    optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay), sched.peak_lr,
+    optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay, by=o.layer_decay_by,
+                                                    exempt=o.layer_decay_exempt), sched.peak_lr,
                             o.weight_decay, betas=(0.9, 0.999))
     ema = ModelEmaV3(model, decay=cfg.run.ema) if cfg.run.ema else None
     model, optimizer = acc.prepare(model, optimizer)

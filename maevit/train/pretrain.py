@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import torch
 
-from maevit.config import ConfigError, to_dict
+from maevit.config import ConfigError, fill_unset, to_dict
 from maevit.data.transforms import DEFAULT_MAX_PIXELS
-from maevit.models import create_mae, export_encoder
+from maevit.models import create_mae, export_encoder, family_defaults
 from maevit.models.weights import header_of
 from maevit.train import runs, throughput
 from maevit.train.common import (
@@ -52,8 +52,8 @@ class ModelConfig:
     decoder_embed_dim: int | None = None  # decoder size; None: the size registered with the model
     decoder_depth: int | None = None  # decoder blocks; None: the registered size
     decoder_num_heads: int | None = None  # decoder heads; None: the registered size
-    mask_ratio: float = 0.75  # fraction of mask units removed (MAE: 0.75)
-    norm_pix_loss: bool = True  # per-patch normalised pixel targets (MAE's recipe)
+    mask_ratio: float | None = None  # fraction of mask units removed; None: the model's (`maevit models NAME`)
+    norm_pix_loss: bool | None = None  # per-patch normalised pixel targets; None: the model's (MAE: true)
 
     def overrides(self) -> dict[str, Any]:
         """Arguments for ``create_mae`` (fields left at None keep the model's value)."""
@@ -182,6 +182,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
 
     if not cfg.data.train:
         raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled)")
+    cfg = fill_unset(cfg, family_defaults(cfg.model.name, "pretrain"))  # the model's settings where unset
     set_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
     with building_model():  # before open_run: a bad name or size changes no files
         model = create_mae(cfg.model.name, **cfg.model.overrides())
