@@ -1,8 +1,12 @@
 """Per-model defaults registered with each family: what they say, and that a recipe always wins."""
+from pathlib import Path
+
 import pytest
 
 from maevit.config import fill_unset, load_config
-from maevit.models import create_classifier, family_defaults, list_models, model_info, register_model
+from maevit.models import (
+    create_classifier, create_mae, family_defaults, list_models, model_info, num_visible, register_model,
+)
 from maevit.train.finetune import FinetuneConfig
 from maevit.train.optim import param_groups_layer_decay
 from maevit.train.pretrain import PretrainConfig
@@ -54,3 +58,20 @@ def test_layer_decay_by_stage_and_exempt_parts():
         for p in g["params"]:
             if names[id(p)].startswith("patch_embed."):
                 assert g["lr_scale"] == 1.0
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "pretrain").glob("cifar10_*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_small_image_recipes_leave_enough_visible_units(recipe):
+    """Each family's CIFAR-10 recipe masks at a unit small enough that an image keeps >= 16 visible units."""
+    cfg = load_config(PretrainConfig, recipe, [])
+    cfg = fill_unset(cfg, family_defaults(cfg.model.name, "pretrain"))
+    encoder = create_mae(cfg.model.name, **cfg.model.overrides()).encoder
+    units = (cfg.model.img_size // encoder.mask_unit) ** 2
+    assert num_visible(units, cfg.model.mask_ratio) >= 16, (recipe.name, encoder.mask_unit, units)
+    finetune = recipe.parents[1] / "finetune" / recipe.name
+    if finetune.is_file():  # the fine-tuning recipe builds the same geometry
+        ft = load_config(FinetuneConfig, finetune, [])
+        assert (ft.model.name, ft.model.img_size) == (cfg.model.name, cfg.model.img_size)
