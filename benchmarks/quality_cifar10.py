@@ -51,7 +51,7 @@ def _subset(src: Path, dst: Path, per_class: int | None) -> Path:
     return dst
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/tmp/cifar10")
     p.add_argument("--out", default="/tmp/quality_cifar10")
@@ -77,7 +77,14 @@ def main() -> None:
     p.add_argument("--decoder", default="128,2,4", help="MAE decoder width,depth,heads")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="comma list of stages to run: pretrain,ft,ft10,probe,knn")
-    a = p.parse_args()
+    p.add_argument("--seed", type=int, default=0, help="run.seed of every stage (init, data order, masks)")
+    p.add_argument("--mask-ratio", type=float, default=None, help="pretraining mask ratio (default: the model's)")
+    p.add_argument("--layer-decay", type=float, default=None,
+                   help="fine-tuning layer decay of the pretrained encoder (default: the model's; scratch: 1.0)")
+    p.add_argument("--ft-set", action="append", default=[],
+                   help="extra fine-tuning override for the pretrained run, e.g. optim.layer_decay_exempt=[...]")
+    p.add_argument("--ft-tag", default="", help="suffix of the fine-tuning result keys (several recipes, one pretraining)")
+    a = p.parse_args(argv)
 
     import torch
 
@@ -114,6 +121,7 @@ def main() -> None:
 
     if "pretrain" in stages and not enc_path.is_file():
         t = time.time()
+<<<<<<< HEAD
         decoder = dict(zip(("decoder_embed_dim", "decoder_depth", "decoder_num_heads"), map(int, a.decoder.split(","))))
         probe_online = dict(probe_every=a.probe_every, probe_train=str(train), probe_val=str(test)) if a.probe_every else {}
         cfg = make_config(
@@ -122,6 +130,19 @@ def main() -> None:
             optim=dict(epochs=a.pretrain_epochs, base_lr=a.pretrain_lr, warmup_epochs=1),
             run=dict(dir=str(out / "pretrain"), log_every=10, ckpt_every=200, viz_every=400, progress=False,
                      keep_last=1, precision="fp32", **probe_online))
+=======
+        cfg = load_config(pt.PretrainConfig, None, [
+            *arch, *(f"model.decoder_{k}={v}" for k, v in zip(("embed_dim", "depth", "num_heads"),
+                                                               a.decoder.split(","))),
+            f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
+            f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
+            f"run.seed={a.seed}", *([f"model.mask_ratio={a.mask_ratio}"] if a.mask_ratio is not None else []),
+            f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
+            "run.progress=false", "run.keep_last=1", "run.precision=fp32",
+            *([f"run.probe_every={a.probe_every}", f"run.probe_train={train}", f"run.probe_val={test}"]
+              if a.probe_every else []),
+        ])
+>>>>>>> family
         res = pt.train(cfg)
         save("pretrain", dict(loss=res.get("loss"), minutes=round((time.time() - t) / 60, 1),
                               images_per_sec=res.get("images_per_sec")))
@@ -141,19 +162,40 @@ def main() -> None:
                       label_fraction=fraction or None, mixup=0.8, cutmix=1.0, smoothing=0.1, re_prob=0.25),
             # layer decay only makes sense for a pretrained encoder: from scratch it would just starve the
             # lower blocks of learning rate, so scratch runs use 1.0 (as DeiT does); all else is equal
+<<<<<<< HEAD
             optim=dict(epochs=epochs, base_lr=1.0e-3, layer_decay=0.75 if pretrained else 1.0, warmup_epochs=2,
                        weight_decay=0.05),
             run=dict(dir=str(out / name), eval_every=epochs, log_every=20, precision="fp32")))
+=======
+            # (pretrained: the model's registered layer decay, grouping and exempt parts unless --layer-decay)
+            f"optim.epochs={epochs}", "optim.base_lr=1.0e-3", f"run.seed={a.seed}",
+            *([f"optim.layer_decay={a.layer_decay}"] if pretrained and a.layer_decay else []),
+            *(a.ft_set if pretrained else ["optim.layer_decay=1.0"]),
+            "optim.warmup_epochs=2", "optim.weight_decay=0.05",
+            f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20", "run.precision=fp32",
+        ]
+        res = finetune(load_config(FinetuneConfig, None, ov))
+>>>>>>> family
         save(name, dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
 
     for enc_name, src in (("mae", enc_path), ("random", None)):
         if "probe" in stages and f"probe_{enc_name}" not in results:
             t = time.time()
+<<<<<<< HEAD
             res = probe(make_config(
                 ProbeConfig, model=dict(pretrained=str(src), img_size=a.img_size) if src else arch,
                 data=dict(train=str(train), val=str(test), batch_size=256, num_workers=a.workers),
                 optim=dict(epochs=a.probe_epochs, warmup_epochs=5),
                 run=dict(dir=str(out / ("probe_" + enc_name)), precision="fp32")))
+=======
+            res = probe(load_config(ProbeConfig, None, [
+                *([f"model.pretrained={src}", f"model.img_size={a.img_size}"] if src else arch),
+                f"data.train={train}", f"data.val={test}", "data.batch_size=256", f"data.num_workers={a.workers}",
+                f"optim.epochs={a.probe_epochs}", "optim.warmup_epochs=5", f"run.dir={out / ('probe_' + enc_name)}",
+                f"run.seed={a.seed}",
+                "run.precision=fp32",
+            ]))
+>>>>>>> family
             save(f"probe_{enc_name}", dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
         for pool in ("token", "avg"):
             key = f"knn_{enc_name}" + ("" if pool == "token" else "_avg")
@@ -178,7 +220,7 @@ def main() -> None:
         for frac, tag, epochs in ((0.1, "10", low), (None, "100", a.ft_epochs)):  # the cheap pair first
             if tag == "100" and "ft" not in stages:
                 continue
-            ft(f"ft_mae_{tag}", enc_path, frac, epochs)
+            ft(f"ft_mae_{tag}{a.ft_tag}", enc_path, frac, epochs)
             ft(f"ft_scratch_{tag}", None, frac, epochs)
 
     rows = [("fine-tune, 100% labels", "ft_mae_100", "ft_scratch_100"), ("fine-tune, 10% labels", "ft_mae_10", "ft_scratch_10"),
@@ -188,6 +230,7 @@ def main() -> None:
     for label, k1, k2 in rows:
         f = lambda k: f"{results[k]['top1']:.1f}%" if k in results and results[k].get("top1") is not None else "-"  # noqa: E731
         print(f"| {label} | {f(k1)} | {f(k2)} |")
+    return results
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main_models(argv: list[str]) -> int:
-    """``maevit models [PATTERN]``: registered models, their family, decoder and description."""
+    """``maevit models [PATTERN]``: registered models, their family, decoder and description; for one
+    exact name also the pretraining and fine-tuning settings registered with it (what unset config
+    values become)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="maevit models", description=main_models.__doc__)
@@ -33,6 +35,15 @@ def main_models(argv: list[str]) -> int:
     for name in names:
         e = model_info(name)
         print(f"{name:<{width}}  {e.family:<6}  decoder {e.decoder.embed_dim}x{e.decoder.depth}  {e.doc}")
+    if names == [a.pattern]:  # one model: its defaults, as the config keys they fill
+        import json
+
+        from maevit.models import family_defaults
+
+        for stage in ("pretrain", "finetune"):
+            values = " ".join(f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
+                              for k, v in family_defaults(a.pattern, stage).items())
+            print(f"  {stage} defaults: {values}")
     return 0
 
 

@@ -290,6 +290,29 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def fill_unset(cfg: T, values: typing.Mapping[str, Any]) -> T:
+    """A copy of ``cfg`` with each dotted key of ``values`` set where ``cfg`` leaves it None.
+
+    Fields that default to None mean "the model's own setting"; this puts the model's setting
+    (e.g. :func:`maevit.models.registry.family_defaults`) there, so a saved config states the
+    value every run used. Values already set (a recipe, the command line) are kept.
+
+    Raises:
+        ConfigError: a key the config does not have, or a value of the wrong type.
+    """
+    data = to_dict(cfg)
+    for dotted, value in values.items():
+        node = data
+        *sections, last = dotted.split(".")
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            raise ConfigError(f"fill_unset: {type(cfg).__name__} has no key {dotted!r}")
+        if node[last] is None:
+            node[last] = value
+    return from_dict(type(cfg), data)
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
     parts = dotted.split(".")

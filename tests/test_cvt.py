@@ -70,7 +70,7 @@ def test_hf_cvt_model_and_authors_names_load():
 def test_masked_plan_per_stage():
     """At 224 px: stages 1-2 gather the visible units' keys / values; stage 3's K/V grid (stride 32) is
     coarser than a unit, so it is computed whole and masked in the attention."""
-    mae = create_mae("mae_cvt_tiny", depths=[1, 1, 1], decoder_depth=1)
+    mae = create_mae("mae_cvt_tiny", depths=[1, 1, 1], decoder_depth=1, mask_ratio=0.75)  # 49 of 196 units kept
     enc = mae.encoder
     mask = mae.random_mask(2, generator=torch.Generator().manual_seed(0))
     plans = [enc._sites(i, mask, 2) for i in range(3)]

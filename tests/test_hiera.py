@@ -64,7 +64,7 @@ def test_nothing_masked_equals_the_dense_forward_when_pretraining_pools_like_fin
 
 
 def test_mae_reconstructs_16px_patches_and_the_classifier_loads_into_timm_strictly():
-    mae = create_mae(NAME, **SMALL, decoder_depth=1, decoder_embed_dim=32, decoder_num_heads=2)
+    mae = create_mae(NAME, **SMALL, decoder_depth=1, decoder_embed_dim=32, decoder_num_heads=2, mask_ratio=0.75)
     out = mae(torch.randn(2, 3, 128, 128))
     assert out.pred.shape == (2, 64, 16 * 16 * 3) and out.latent.shape == (2, 16, 128)
     clf = create_classifier(NAME, 10, pretrained=mae.state_dict(), **SMALL).eval()
@@ -98,7 +98,7 @@ def test_mask_token_reference_path_hides_masked_pixels_and_reads_out_the_same_to
     enc = create_encoder(NAME, **SMALL).eval()
     x = torch.randn(2, 3, 128, 128)
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
-    mask = create_mae(NAME, **SMALL, decoder_depth=1).random_mask(2, noise=noise)
+    mask = create_mae(NAME, **SMALL, decoder_depth=1, mask_ratio=0.75).random_mask(2, noise=noise)
     hidden = torch.nn.functional.interpolate(mask.unit_mask.reshape(2, 1, 4, 4), scale_factor=32).bool().expand_as(x)
     with torch.no_grad():
         ref = enc.forward_mask_tokens(x, mask)

@@ -15,7 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from maevit.config import ConfigError, load_config
+from maevit.config import ConfigError, fill_unset, load_config
+from maevit.models import family_defaults
 from maevit.train import runs
 from maevit.train.pretrain import NonFiniteLossError, PretrainConfig, main, train
 from tiny_runs import TINY_PRETRAIN as TINY
@@ -51,8 +52,10 @@ def test_end_to_end_run_dir(tmp_path):
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     assert all(r["nonfinite_steps"] == 0 and r["lr"] > 0 for r in rows)
-    # the resolved config round-trips
-    assert load_config(PretrainConfig, run_dir / "config.yaml") == cfg
+    # the resolved config round-trips, with the model's own settings where the config left them unset
+    saved = load_config(PretrainConfig, run_dir / "config.yaml")
+    assert saved == fill_unset(cfg, family_defaults(cfg.model.name, "pretrain"))
+    assert cfg.model.mask_ratio is None and saved.model.mask_ratio == 0.75 and saved.model.norm_pix_loss is True
     # keep_last=1: only the newest checkpoint, and `latest` names it
     ckpts = runs.RunDir(run_dir).checkpoints()
     assert [c.name for c in ckpts] == ["step-00000006"]

@@ -9,8 +9,8 @@ from .masking import Mask, mask_from_noise, num_visible, random_masking
 from .patch import grid_shape, patchify, unpatchify
 from .pos_embed import sincos_2d
 from .registry import (
-    DecoderSize, ModelArgumentError, build_encoder, create_encoder, create_mae, list_models, model_info,
-    register_model,
+    DecoderSize, ModelArgumentError, build_encoder, create_encoder, create_mae, family_defaults, list_models,
+    model_info, register_model,
 )
 from .weights import CheckpointError, LoadReport, export_encoder, load_encoder_weights, load_mae_weights, read_header
 
@@ -26,7 +26,8 @@ from .vit import ViTEncoder  # noqa: E402
 __all__ = [
     "ContractError", "check_encoder", "MAEDecoder", "MAEOutput", "MaskedAutoencoder", "masked_mse_loss", "Mask",
     "mask_from_noise", "num_visible", "random_masking", "grid_shape", "patchify", "unpatchify", "sincos_2d",
-    "DecoderSize", "ModelArgumentError", "build_encoder", "create_encoder", "create_mae", "list_models",
+    "DecoderSize", "ModelArgumentError", "build_encoder", "create_encoder", "create_mae", "family_defaults",
+    "list_models",
     "model_info", "register_model", "ViTEncoder", "create_classifier", "CheckpointError", "LoadReport",
     "export_encoder", "load_encoder_weights", "load_mae_weights", "read_header",
 ]

@@ -504,20 +504,26 @@ _CHECKPOINT_RENAMES: tuple[tuple[str, str], ...] = (
 
 _SMOKE = dict(img_size=64, depths=[1, 1, 1])
 
+# MAE settings that suit CvT: masked at its coarsest stride like a convolutional pyramid, so the
+# ratio of FCMAE / SparK (0.6 at 32 px units) rather than ViT's 0.75; fine-tuning decays the lr over
+# its three stages (FCMAE's grouping for hierarchical models; 0.9 as FCMAE's Tiny / Atto)
+_PRETRAIN = dict(mask_ratio=0.6)
+_FINETUNE = dict(layer_decay=0.9, layer_decay_by="stage")
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_cvt_tiny(**kwargs) -> CvtEncoder:
     """CvT-13 at half width (32 / 96 / 192, ViT-Ti's 192 in the last stage; 5M)."""
     return build_encoder(CvtEncoder, kwargs, embed_dims=[32, 96, 192], depths=[1, 2, 10], num_heads=[1, 2, 3])
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_cvt_13(**kwargs) -> CvtEncoder:
     """CvT-13 (20M): 81.6% on ImageNet-1K at 224 px (supervised, the paper)."""
     return build_encoder(CvtEncoder, kwargs, embed_dims=[64, 192, 384], depths=[1, 2, 10], num_heads=[1, 3, 6])
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_cvt_21(**kwargs) -> CvtEncoder:
     """CvT-21 (32M): 82.5% on ImageNet-1K at 224 px (supervised, the paper)."""
     return build_encoder(CvtEncoder, kwargs, embed_dims=[64, 192, 384], depths=[1, 4, 16], num_heads=[1, 3, 6])

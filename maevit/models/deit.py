@@ -116,15 +116,17 @@ def _deit(kwargs: dict, size: str) -> DeiTEncoder:
 
 
 _SMOKE = dict(img_size=64, depth=1)
+# MAE settings: the plain ViT's (the registry's defaults; Tiny / Small fine-tune at layer decay 0.75)
+_FT_SMALL = dict(layer_decay=0.75)
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, finetune=_FT_SMALL)
 def mae_deit_tiny_patch16(**kwargs) -> DeiTEncoder:
     """DeiT-Ti/16 with a distillation token (5.9M parameters; timm's deit_tiny_distilled_patch16_224)."""
     return _deit(kwargs, "tiny")
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, finetune=_FT_SMALL)
 def mae_deit_small_patch16(**kwargs) -> DeiTEncoder:
     """DeiT-S/16 with a distillation token (22M; timm's deit_small_distilled_patch16_224)."""
     return _deit(kwargs, "small")

@@ -231,6 +231,18 @@ class HieraEncoder(EncoderMixin, Hiera):
         names = {n for n, _ in self.named_parameters()}
         return {n for n in names if n.startswith("pos_embed")}
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping (stem, then one group per block, final norm last); ``coarse``: one group
+        per stage (layer decay over stages, as FCMAE fine-tunes hierarchical models)."""
+        matcher = super().group_matcher(coarse)
+        if coarse:
+            starts = [0] + [end + 1 for end in self.stage_ends[:-1]]
+            matcher["blocks"] = [
+                (r"^blocks\.(?:" + "|".join(str(i) for i in range(a, b + 1)) + r")\.", (s,))
+                for s, (a, b) in enumerate(zip(starts, self.stage_ends))
+            ] + [(r"^norm", (99999,))]
+        return matcher
+
     # ----------------------------------------------------------------- classifier
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
@@ -293,24 +305,29 @@ HIERA_SIZES: dict[str, dict] = {
 # smoke size: every stage, one block each, 4 mask units (one visible at ratio 0.75)
 _SMOKE = dict(img_size=64, embed_dim=16, stages=(1, 1, 1, 1))
 
+# MAE settings that suit Hiera: its paper's ratio 0.6 (mask units of 32 px at 224: 49 units, 19 kept);
+# fine-tuning decays the lr over its four stages
+_PRETRAIN = dict(mask_ratio=0.6)
+_FINETUNE = dict(layer_decay=0.9, layer_decay_by="stage")
+
 
 def _hiera(kwargs: dict, size: str) -> HieraEncoder:
     return build_encoder(HieraEncoder, kwargs, img_size=224, **HIERA_SIZES[size])
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_hiera_tiny_224(**kwargs) -> HieraEncoder:
     """Hiera-T (28M), MAE read out at stride 16 (Hiera's pretraining)."""
     return _hiera(kwargs, "tiny")
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_hiera_small_224(**kwargs) -> HieraEncoder:
     """Hiera-S (35M)."""
     return _hiera(kwargs, "small")
 
 
-@register_model(decoder=DECODER_BASE, smoke=_SMOKE)
+@register_model(decoder=DECODER_BASE, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_hiera_base_224(**kwargs) -> HieraEncoder:
     """Hiera-B (52M): 84.5% fine-tuned on ImageNet-1K (Hiera)."""
     return _hiera(kwargs, "base")

@@ -214,7 +214,10 @@ class HybridEncoder(ViTEncoder):
 # --------------------------------------------------------------------------- registrations
 
 
-@register_model(decoder=DECODER_SMALL, smoke=dict(img_size=64, depth=1))
+# MAE settings: the plain ViT's (registry defaults: ratio 0.75; layer decay per block, 0.75 for the Tiny as
+# for ViT-Ti). The stem is not exempt from layer decay: giving it the full lr changed nothing measurable
+# (BENCHMARKS.md, "Hybrid and SReT experiments").
+@register_model(decoder=DECODER_SMALL, smoke=dict(img_size=64, depth=1), finetune=dict(layer_decay=0.75))
 def mae_vit_tiny_r_s16(**kwargs) -> HybridEncoder:
     """ResNet stem + ViT-Ti at stride 16 (5.6M): timm's vit_tiny_r_s16_p8_224 with a 4x4 projection."""
     return build_encoder(HybridEncoder, kwargs, layers=[], patch_size=16, **VIT_SIZES["tiny"])

@@ -1,10 +1,12 @@
 """Registered models: ``register_model`` (used at the end of each family file),
-``create_encoder``, ``create_mae``, ``list_models``, ``model_info``.
+``create_encoder``, ``create_mae``, ``list_models``, ``model_info``, ``family_defaults``.
 
 A registered constructor builds an *encoder* (see :mod:`maevit.models.contract`)
 from keyword overrides; the registration adds the MAE decoder size that suits
-it and the arguments of a tiny but structurally identical version (for tests
-and smoke runs)::
+it, the pretraining and fine-tuning settings that suit it (``pretrain=``,
+``finetune=``: only what differs from :data:`PRETRAIN_DEFAULTS` /
+:data:`FINETUNE_DEFAULTS`) and the arguments of a tiny but structurally
+identical version (for tests and smoke runs)::
 
     @register_model(decoder=DECODER_SMALL, smoke=dict(img_size=32, depth=1))
     def mae_vit_tiny_patch16(**kwargs) -> ViTEncoder:
@@ -49,6 +51,28 @@ DECODER_SMALL = DecoderSize(256, 4, 8)
 # arguments of create_mae that are not encoder arguments
 MAE_ARGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss", "mask_ratio")
 
+# What a model that states nothing gets (MAE's ViT recipe). A family states only what differs, in its
+# own file, beside its registrations; `family_defaults` turns them into config keys, and a recipe or
+# command-line value always wins over them.
+PRETRAIN_DEFAULTS: dict[str, Any] = dict(
+    mask_ratio=0.75,  # fraction of mask units removed (MAE 0.75; Hiera / FCMAE / SparK 0.6 at 32 px units)
+    norm_pix_loss=True,  # per-patch normalised pixel targets
+)
+FINETUNE_DEFAULTS: dict[str, Any] = dict(
+    layer_decay=0.65,  # lr factor per layer-decay group (MAE ViT-B 0.65)
+    layer_decay_by="block",  # "block": one group per block (ViT); "stage": one per stage (FCMAE, hierarchical)
+    layer_decay_exempt=(),  # fnmatch patterns of parameters that keep the full lr (e.g. a CNN stem)
+    drop_path=0.1,  # stochastic depth
+)
+# where each setting lives in the pretraining / fine-tuning configs
+_CONFIG_KEYS = {
+    "pretrain": dict(mask_ratio="model.mask_ratio", norm_pix_loss="model.norm_pix_loss",
+                     decoder_embed_dim="model.decoder_embed_dim", decoder_depth="model.decoder_depth",
+                     decoder_num_heads="model.decoder_num_heads"),
+    "finetune": dict(layer_decay="optim.layer_decay", layer_decay_by="optim.layer_decay_by",
+                     layer_decay_exempt="optim.layer_decay_exempt", drop_path="model.drop_path"),
+}
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -61,6 +85,8 @@ class ModelEntry:
         decoder: the MAE decoder size that suits it.
         smoke: arguments of a tiny, structurally identical version (tests, smoke runs).
         doc: the first line of the constructor's docstring.
+        pretrain: MAE settings that suit it, on top of :data:`PRETRAIN_DEFAULTS` (and ``decoder``).
+        finetune: fine-tuning settings that suit it, on top of :data:`FINETUNE_DEFAULTS`.
     """
 
     name: str
@@ -69,6 +95,18 @@ class ModelEntry:
     decoder: DecoderSize
     smoke: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+
+    def defaults(self, stage: str) -> dict[str, Any]:
+        """The resolved settings of ``stage`` (``"pretrain"`` / ``"finetune"``), by setting name."""
+        if stage == "pretrain":
+            d = self.decoder
+            return {**PRETRAIN_DEFAULTS, "decoder_embed_dim": d.embed_dim, "decoder_depth": d.depth,
+                    "decoder_num_heads": d.num_heads, **self.pretrain}
+        if stage == "finetune":
+            return {**FINETUNE_DEFAULTS, **self.finetune}
+        raise ValueError(f"stage={stage!r}: use 'pretrain' or 'finetune'")
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -86,13 +124,30 @@ def _suggest(name: str, choices) -> str:
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-def register_model(*, decoder: DecoderSize = DECODER_BASE, smoke: Mapping[str, Any] | None = None):
+def register_model(
+    *,
+    decoder: DecoderSize = DECODER_BASE,
+    smoke: Mapping[str, Any] | None = None,
+    pretrain: Mapping[str, Any] | None = None,
+    finetune: Mapping[str, Any] | None = None,
+):
     """Decorator registering an encoder constructor under its function name.
 
     Args:
         decoder: the MAE decoder size for this model.
         smoke: arguments that make a tiny version with the same structure.
+        pretrain: MAE settings that differ from :data:`PRETRAIN_DEFAULTS` (e.g. ``mask_ratio=0.6``).
+        finetune: fine-tuning settings that differ from :data:`FINETUNE_DEFAULTS`
+            (e.g. ``layer_decay=0.8, layer_decay_by="stage"``).
+
+    Raises:
+        ValueError: a name registered twice, or a setting that is not a known one.
     """
+    for stage, given in (("pretrain", pretrain), ("finetune", finetune)):
+        unknown = set(given or {}) - set(_CONFIG_KEYS[stage])
+        if unknown:
+            raise ValueError(f"register_model({stage}=...): unknown settings {sorted(unknown)}; "
+                             f"valid: {', '.join(_CONFIG_KEYS[stage])}")
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = fn.__name__
@@ -100,7 +155,8 @@ def register_model(*, decoder: DecoderSize = DECODER_BASE, smoke: Mapping[str, A
             raise ValueError(f"model {name!r} is registered twice")
         family = fn.__module__.rsplit(".", 1)[-1]
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = ModelEntry(name, fn, family, decoder, dict(smoke or {}), doc)
+        _REGISTRY[name] = ModelEntry(name, fn, family, decoder, dict(smoke or {}), doc, dict(pretrain or {}),
+                                     dict(finetune or {}))
         return fn
 
     return wrap
@@ -162,6 +218,28 @@ def model_info(name: str) -> ModelEntry:
             f"unknown model {name!r}.{_suggest(name, _REGISTRY)} See `maevit models` for the registered names."
         )
     return _REGISTRY[name]
+
+
+def family_defaults(name: str | None, stage: str) -> dict[str, Any]:
+    """The settings registered with ``name`` for ``stage``, as dotted config keys.
+
+    ``{"model.mask_ratio": 0.6, "model.decoder_embed_dim": 256, ...}`` for ``"pretrain"``;
+    ``{"optim.layer_decay": 0.75, "optim.layer_decay_by": "stage", "model.drop_path": 0.1, ...}``
+    for ``"finetune"``. A name that is not registered here (``None``, ``timm:...``) gets the
+    toolkit-wide defaults. Fill only the config values left unset
+    (:func:`maevit.config.fill_unset`): a recipe or command-line value always wins.
+
+    Args:
+        name: a registered model name, or None.
+        stage: ``"pretrain"`` or ``"finetune"``.
+    """
+    if stage not in _CONFIG_KEYS:
+        raise ValueError(f"stage={stage!r}: use 'pretrain' or 'finetune'")
+    if name in _REGISTRY:
+        values = _REGISTRY[name].defaults(stage)
+    else:
+        values = ModelEntry("", lambda: None, "", DECODER_BASE).defaults(stage)
+    return {_CONFIG_KEYS[stage][k]: v for k, v in values.items()}
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -229,8 +307,8 @@ def create_mae(
         decoder_embed_dim=mae_args.get("decoder_embed_dim", d.embed_dim),
         decoder_depth=mae_args.get("decoder_depth", d.depth),
         decoder_num_heads=mae_args.get("decoder_num_heads", d.num_heads),
-        norm_pix_loss=mae_args.get("norm_pix_loss", True),
-        mask_ratio=mae_args.get("mask_ratio", 0.75),
+        norm_pix_loss=mae_args.get("norm_pix_loss", entry.defaults("pretrain")["norm_pix_loss"]),
+        mask_ratio=mae_args.get("mask_ratio", entry.defaults("pretrain")["mask_ratio"]),
     )
     if checkpoint is not None:
         weights.load_mae_weights(model, checkpoint)

@@ -318,7 +318,7 @@ class SReTStage(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Three 3x3 stride-2 convolutions with BatchNorm and ReLU (stride 8), maskable.
+    """Three 3x3 convolutions with BatchNorm and ReLU (strides 2, 2, 2 as published: stride 8), maskable.
 
     ``forward(x, mask)`` zeroes masked units before conv1 and takes BatchNorm
     statistics over visible positions only (masked positions come out as 0).
@@ -326,20 +326,23 @@ class ConvStem(nn.Module):
     Args:
         in_chans: input channels.
         dim: output width (the first conv has ``dim // 2``).
+        strides: of the three convolutions (1 or 2 each; a stride-1 conv keeps the same weights'
+            shapes, so a small-image variant has the published stem's parameters).
     """
 
-    def __init__(self, in_chans: int, dim: int) -> None:
+    def __init__(self, in_chans: int, dim: int, strides: Sequence[int] = (2, 2, 2)) -> None:
         super().__init__()
         mid = dim // 2
-        self.conv1 = nn.Conv2d(in_chans, mid, 3, stride=2, padding=1)
+        s1, s2, s3 = strides
+        self.conv1 = nn.Conv2d(in_chans, mid, 3, stride=s1, padding=1)
         self.bn1 = MaskedBatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, dim, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(mid, dim, 3, stride=s2, padding=1)
         self.bn2 = MaskedBatchNorm2d(dim)
-        self.conv3 = nn.Conv2d(dim, dim, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(dim, dim, 3, stride=s3, padding=1)
         self.bn3 = MaskedBatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
-        """``[B, C, H, W]`` -> ``[B, dim, H/8, W/8]``."""
+        """``[B, C, H, W]`` -> ``[B, dim, H/s, W/s]`` (``s``: the product of the strides)."""
         if mask is not None:
             x = x * visible_map(mask, tuple(x.shape[-2:]))
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
@@ -356,7 +359,8 @@ class SReTEncoder(EncoderMixin, nn.Module):
     """Sliced Recursive Transformer encoder with a visible-only MAE path.
 
     Args:
-        img_size: int or ``(H, W)``, multiples of the coarsest stride (32 with three stages).
+        img_size: int or ``(H, W)``, multiples of the coarsest stride (32 with three stages and the
+            published stem).
         in_chans: input channels.
         embed_dims: width per stage (a multiple of the previous one: depthwise pooling).
         depths: block applications per stage.
@@ -370,6 +374,8 @@ class SReTEncoder(EncoderMixin, nn.Module):
         global_pool: ``'avg'`` (fine-tuning: average, then a fresh ``fc_norm``) or
             ``'token'`` (SReT has no class token: the pretrained per-token ``norm`` is kept and the
             tokens are averaged; the linear-probe setting and the encoder's own layout).
+        stem_strides: strides of the stem's three convolutions (published: 2, 2, 2, stride 8;
+            small images: e.g. 2, 2, 1 for a stride-4 stem, see :func:`mae_sret_tiny_s4`).
     """
 
     def __init__(
@@ -388,6 +394,7 @@ class SReTEncoder(EncoderMixin, nn.Module):
         drop_path_rate: float = 0.0,
         num_classes: int = 0,
         global_pool: str = "token",
+        stem_strides: Sequence[int] = (2, 2, 2),
     ) -> None:
         super().__init__()
         img_size = to_2tuple_size(img_size)
@@ -405,7 +412,10 @@ class SReTEncoder(EncoderMixin, nn.Module):
             if s and embed_dims[s] % embed_dims[s - 1]:
                 raise ValueError(f"SReT: embed_dims {list(embed_dims)}: each width must be a multiple of the "
                                  "previous one (the pooling between stages is depthwise)")
-        stride = 8 * 2 ** (n - 1)
+        if len(stem_strides) != 3 or any(s not in (1, 2) for s in stem_strides):
+            raise ValueError(f"SReT: stem_strides {list(stem_strides)} must be three strides of 1 or 2")
+        stem = stem_strides[0] * stem_strides[1] * stem_strides[2]
+        stride = stem * 2 ** (n - 1)
         if img_size[0] % stride or img_size[1] % stride:
             raise ValueError(f"SReT with {n} stages needs image sizes that are multiples of {stride} (its coarsest "
                              f"stride and mask unit), got {img_size[0]}x{img_size[1]}")
@@ -413,7 +423,7 @@ class SReTEncoder(EncoderMixin, nn.Module):
         self.img_size = img_size
         self.patch_size = stride  # one decoder token per mask unit (the final stride)
         self.mask_unit = stride
-        self.strides = tuple(8 * 2**s for s in range(n))
+        self.strides = tuple(stem * 2**s for s in range(n))
         self.embed_dims = tuple(embed_dims)
         self.num_prefix_tokens = 0
         self.num_features = self.embed_dim = embed_dims[-1]
@@ -421,8 +431,8 @@ class SReTEncoder(EncoderMixin, nn.Module):
         self.global_pool = global_pool
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
-        self.patch_embed = ConvStem(in_chans, embed_dims[0])
-        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dims[0], img_size[0] // 8, img_size[1] // 8))
+        self.patch_embed = ConvStem(in_chans, embed_dims[0], tuple(stem_strides))
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dims[0], img_size[0] // stem, img_size[1] // stem))
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, sum(recursions)).tolist()
         self.stages = nn.ModuleList()
@@ -471,8 +481,8 @@ class SReTEncoder(EncoderMixin, nn.Module):
         return self.norm(x)
 
     def _embed(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
-        """Stem + position table: ``[B, C, H, W]`` -> tokens ``[B, H/8 * W/8, C_0]`` in raster order."""
-        x = self.patch_embed(x, mask) + self.pos_embed  # [B, C0, H/8, W/8]
+        """Stem + position table: ``[B, C, H, W]`` -> tokens ``[B, H/s * W/s, C_0]`` in raster order."""
+        x = self.patch_embed(x, mask) + self.pos_embed  # [B, C0, H/s, W/s]
         return self.pos_drop(x.flatten(2).transpose(1, 2))
 
     def forward_masked(self, x: torch.Tensor, mask: Mask) -> torch.Tensor:
@@ -607,18 +617,39 @@ _SRET_COMMON = dict(depths=(4, 10, 6), recursions=(2, 5, 3), groups=((8, 2), (4,
 # smoke: every stage, one unique block applied twice (so the permuted loop runs), 2x2 mask units
 _SMOKE = dict(img_size=64, embed_dims=[16, 32, 64], num_heads=[1, 2, 4], depths=[2, 2, 2], recursions=[1, 1, 1])
 
+# MAE settings that suit SReT: a convolutional stem and a pyramid masked at the coarsest stride, so
+# FCMAE / SparK's 0.6; fine-tuning decays the lr over its stages (stem, stages, head)
+_PRETRAIN = dict(mask_ratio=0.6)
+_FINETUNE = dict(layer_decay=0.9, layer_decay_by="stage")
+
 
 def _sret(kwargs: dict, size: str) -> SReTEncoder:
     return build_encoder(SReTEncoder, kwargs, **SRET_SIZES[size], **_SRET_COMMON)
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+# Small images (32-64 px, e.g. CIFAR upsampled to 64): the published stem (stride 8) and three stages mask at
+# 32 px, so a 64 px image has 4 units and keeps 1 or 2: nothing to learn from. A stride-4 stem (the same three
+# convolutions, the last at stride 1) and SReT-T's first two stages mask at 8 px: 64 units at 64 px. Ratio
+# 0.75 (16 visible units): the sliced attention needs the visible tokens of a stage to split into its slice
+# counts (16 units x 4 tokens / 8 slices; 16 / 4), which 0.6 (25 units) does not give.
+_SMALL_IMAGE = dict(stem_strides=(2, 2, 1), depths=(4, 10), recursions=(2, 5), groups=((8, 2), (4, 1)))
+_SMOKE_SMALL = dict(img_size=32, embed_dims=[16, 32], num_heads=[1, 2], depths=[2, 2], recursions=[1, 1])
+
+
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_sret_tiny(**kwargs) -> SReTEncoder:
     """SReT-T (4.5M encoder parameters, 4.8M with an ImageNet head as published); masked at 32 px."""
     return _sret(kwargs, "tiny")
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_sret_small(**kwargs) -> SReTEncoder:
     """SReT-S (20.4M encoder parameters, 20.9M with an ImageNet head as published); masked at 32 px."""
     return _sret(kwargs, "small")
+
+
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE_SMALL, pretrain=dict(mask_ratio=0.75), finetune=_FINETUNE)
+def mae_sret_tiny_s4(**kwargs) -> SReTEncoder:
+    """SReT-T's first two stages behind a stride-4 stem (1.5M): masked at 8 px, for 32-64 px images."""
+    tiny = {k: v[:2] if k in ("embed_dims", "num_heads") else v for k, v in SRET_SIZES["tiny"].items()}
+    return build_encoder(SReTEncoder, kwargs, **tiny, **_SMALL_IMAGE)

@@ -295,24 +295,29 @@ SWIN_SIZES: dict[str, dict] = {
 # smoke size: every stage, a shifted block in stages 1-2, 16 mask units (4 visible at ratio 0.75)
 _SMOKE = dict(img_size=128, window_size=4, embed_dim=16, depths=(2, 2, 1, 1), num_heads=(1, 2, 4, 8))
 
+# MAE settings that suit Swin: GreenMIM / UM-MAE keep 0.75 with 32 px units; fine-tuning decays the lr
+# over its four stages (not its 12-24 blocks, which would leave the patch embedding a few % of the lr)
+_PRETRAIN = dict(mask_ratio=0.75)
+_FINETUNE = dict(layer_decay=0.9, layer_decay_by="stage")
+
 
 def _swin(kwargs: dict, size: str) -> SwinEncoder:
     return build_encoder(SwinEncoder, kwargs, img_size=224, patch_size=4, window_size=7, **SWIN_SIZES[size])
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_swin_tiny_patch4_window7_224(**kwargs) -> SwinEncoder:
     """Swin-T (28M), visible-only MAE with group window attention (GreenMIM)."""
     return _swin(kwargs, "tiny")
 
 
-@register_model(decoder=DECODER_SMALL, smoke=_SMOKE)
+@register_model(decoder=DECODER_SMALL, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_swin_small_patch4_window7_224(**kwargs) -> SwinEncoder:
     """Swin-S (50M), visible-only MAE with group window attention."""
     return _swin(kwargs, "small")
 
 
-@register_model(decoder=DECODER_BASE, smoke=_SMOKE)
+@register_model(decoder=DECODER_BASE, smoke=_SMOKE, pretrain=_PRETRAIN, finetune=_FINETUNE)
 def mae_swin_base_patch4_window7_224(**kwargs) -> SwinEncoder:
     """Swin-B (88M): GreenMIM reports 83.8% fine-tuned on ImageNet-1K."""
     return _swin(kwargs, "base")

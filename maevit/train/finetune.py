@@ -24,9 +24,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from maevit.config import ConfigError
+from maevit.config import ConfigError, fill_unset
 from maevit.data.transforms import DEFAULT_MAX_PIXELS
-from maevit.models import create_classifier
+from maevit.models import create_classifier, family_defaults
+from maevit.models.classifier import resolve_architecture
 from maevit.models.weights import header_of, save_weights, timm_load_line
 from maevit.models.contract import extra_heads
 from maevit.train import runs
@@ -56,7 +57,7 @@ class ModelConfig(ClassifierModelSection):
 
     name: str | None = None  # registered name; None: the one `pretrained` names (required from scratch)
     global_pool: Literal["avg", "token"] = "avg"  # MAE fine-tuning: avg + fc_norm
-    drop_path: float = 0.1  # stochastic depth (MAE: B 0.1, L 0.2, H 0.3)
+    drop_path: float | None = None  # stochastic depth (MAE: B 0.1, L 0.2, H 0.3); None: the model's
     img_size: int | None = None  # fine-tuning resolution; None: the one `pretrained` records (else 224)
     patch_size: int | None = None  # shorthand for args.patch_size (models built from scratch)
     args: dict[str, Any] = field(default_factory=dict)  # encoder arguments on top of the file's (see `maevit models`)
@@ -94,12 +95,14 @@ class DataConfig(LabeledDataSection):
 
 @dataclass
 class OptimConfig(AdamWSection):
-    KEY_ORDER = ("epochs", "base_lr", "layer_decay", "weight_decay", "warmup_epochs", "min_lr", "accum_steps",
-                 "clip_grad", "max_steps")
+    KEY_ORDER = ("epochs", "base_lr", "layer_decay", "layer_decay_by", "layer_decay_exempt", "weight_decay",
+                 "warmup_epochs", "min_lr", "accum_steps", "clip_grad", "max_steps")
 
     epochs: int = 100  # length of the schedule (MAE: B 100, L / H 50)
     base_lr: float = 5e-4  # peak lr = base_lr x effective batch / 256 (MAE ViT-B: 5e-4)
-    layer_decay: float = 0.65  # per-block lr factor (MAE: B 0.65, L / H 0.75); 1.0 = off
+    layer_decay: float | None = None  # lr factor per block / stage (MAE: B 0.65, L / H 0.75); 1.0 = off; None: the model's
+    layer_decay_by: Literal["block", "stage"] | None = None  # layer-decay groups; None: the model's
+    layer_decay_exempt: list[str] | None = None  # parameter patterns at the full lr (e.g. a CNN stem); None: the model's
     min_lr: float = 1e-6
     accum_steps: int = 1  # gradient accumulation (effective batch = batch x processes x this)
     clip_grad: float | None = None  # max gradient norm; None = no clipping (MAE)
@@ -107,7 +110,7 @@ class OptimConfig(AdamWSection):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 < self.layer_decay <= 1.0:
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
 
 
@@ -164,7 +167,8 @@ class FinetuneTask(Task):
         self.cfg = cfg
 
     def resolve(self, cfg: FinetuneConfig) -> FinetuneConfig:
-        return fill_from_weights(cfg)  # size and mean / std of the weights file unless set
+        cfg = fill_from_weights(cfg)  # size and mean / std of the weights file unless set
+        return fill_unset(cfg, family_defaults(_model_name(cfg.model), "finetune"))  # the model's settings
 
     def build(self):
         from accelerate import PartialState
@@ -211,7 +215,8 @@ class FinetuneTask(Task):
         meter = meter_for(  # FLOPs per image, peak, MFU
             model, (3, *model.img_size), acc.device, self.precision, num_processes=acc.num_processes,
             log=acc.is_main_process)
-        optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay), sched.peak_lr,
+        optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay, by=o.layer_decay_by,
+                                                         exempt=o.layer_decay_exempt), sched.peak_lr,
                                 o.weight_decay, betas=(0.9, 0.999))
         ema = ModelEmaV3(model, decay=cfg.run.ema) if cfg.run.ema else None
         model, optimizer = acc.prepare(model, optimizer)
@@ -289,6 +294,14 @@ class _Evaluation(Hook):
             loop.acc.log({f"val/{k[4:]}": v for k, v in row.items()}, step=loop.step)
             logger.info("epoch %d step %d: val top-1 %.2f%%  top-5 %.2f%%", loop.epoch, loop.step, self.result.top1,
                         self.result.top5)
+
+
+def _model_name(m: ModelConfig) -> str | None:
+    """The model to fine-tune: ``model.name``, else the one ``model.pretrained`` names (None if unknown yet)."""
+    try:
+        return resolve_architecture(m.name, m.pretrained)[0]
+    except Exception:  # noqa: BLE001  building the model reports what is wrong
+        return m.name
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -108,24 +108,45 @@ def param_groups_layer_decay(
     weight_decay: float,
     layer_decay: float,
     no_weight_decay: Iterable[str] = NO_WEIGHT_DECAY,
+    *,
+    by: str | None = "block",
+    exempt: Iterable[str] | None = (),
 ) -> list[dict[str, Any]]:
-    """Layer-wise lr decay groups for ViT fine-tuning (BEiT / MAE), via timm.
+    """Layer-wise lr decay groups for fine-tuning (BEiT / MAE; by stage: FCMAE).
 
-    With ``n`` blocks, layer ids are: 0 for ``patch_embed`` / ``cls_token`` /
-    ``pos_embed``, ``i + 1`` for ``blocks.i``, ``n + 1`` for the final norm,
-    ``fc_norm`` and ``head``; each group's ``lr_scale`` is
-    ``layer_decay ** (n + 1 - layer_id)`` (the published rule). :func:`set_lr`
-    applies the scales. Biases, norms, position tables and tokens get no
-    weight decay. Frozen parameters are left out.
+    Layer ids come from the model's ``group_matcher`` (timm's): with ``by="block"``, 0 for the
+    stem / ``patch_embed`` / tokens, ``i + 1`` for block ``i``, the last id for the final norm
+    and the head; with ``by="stage"``, ``group_matcher(coarse=True)``: one id per stage of a
+    hierarchical model. Each group's ``lr_scale`` is ``layer_decay ** (last_id - layer_id)``
+    (the published rule); parameters matching ``exempt`` keep the full lr (scale 1: a CNN stem
+    that pretraining on masked images left far from what whole images need). :func:`set_lr`
+    applies the scales. Biases, norms, position tables and tokens get no weight decay. Frozen
+    parameters are left out.
 
     Args:
-        model: a timm ViT (uses its ``group_matcher`` to find layer ids).
+        model: an encoder with ``group_matcher`` (every registered family has one).
         weight_decay: for matrices (0 for the rest).
-        layer_decay: per-layer lr factor (MAE: 0.65 for ViT-B, 0.75 for L / H).
+        layer_decay: per-group lr factor (MAE: 0.65 for ViT-B, 0.75 for L / H; 1.0: off).
+        by: ``"block"`` or ``"stage"`` (None: ``"block"``).
+        exempt: fnmatch patterns of parameter names that keep the full lr.
     """
-    from timm.optim import param_groups_layer_decay as _timm_layer_decay
+    from fnmatch import fnmatchcase
 
-    return _timm_layer_decay(
-        model, weight_decay=weight_decay, no_weight_decay_list=no_weight_decay_names(model, no_weight_decay),
-        layer_decay=layer_decay,
-    )
+    from timm.models import group_parameters
+
+    if by not in (None, "block", "stage"):
+        raise ValueError(f"layer-decay grouping by={by!r}: use 'block' or 'stage'")
+    layer_map = group_parameters(model, model.group_matcher(coarse=by == "stage"), reverse=True)
+    last = max(layer_map.values(), default=0)  # the final norm; the head and anything unmatched join it
+    skip_decay = no_weight_decay_names(model, no_weight_decay)
+    exempt = tuple(exempt or ())
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or any(fnmatchcase(name, pat) for pat in skip_decay))
+        layer = last if any(fnmatchcase(name, pat) for pat in exempt) else layer_map.get(name, last)
+        group = groups.setdefault((layer, decay), dict(
+            lr_scale=layer_decay ** (last - layer), weight_decay=weight_decay if decay else 0.0, params=[]))
+        group["params"].append(param)
+    return list(groups.values())

@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import torch
 
-from maevit.config import ConfigError, to_dict
+from maevit.config import ConfigError, fill_unset, to_dict
 from maevit.data.transforms import DEFAULT_MAX_PIXELS
-from maevit.models import create_mae, export_encoder
+from maevit.models import create_mae, export_encoder, family_defaults
 from maevit.models.weights import header_of
 from maevit.train import runs
 from maevit.train.command import building_model, run_recipe_command
@@ -58,8 +58,8 @@ class ModelConfig(ModelSection):
     decoder_embed_dim: int | None = None  # decoder size; None: the size registered with the model
     decoder_depth: int | None = None  # decoder blocks; None: the registered size
     decoder_num_heads: int | None = None  # decoder heads; None: the registered size
-    mask_ratio: float = 0.75  # fraction of mask units removed (MAE: 0.75)
-    norm_pix_loss: bool = True  # per-patch normalised pixel targets (MAE's recipe)
+    mask_ratio: float | None = None  # fraction of mask units removed; None: the model's (`maevit models NAME`)
+    norm_pix_loss: bool | None = None  # per-patch normalised pixel targets; None: the model's (MAE: true)
 
     def overrides(self) -> dict[str, Any]:
         """Arguments for ``create_mae`` (fields left at None keep the model's value)."""
@@ -153,6 +153,9 @@ class PretrainTask(Task):
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
+
+    def resolve(self, cfg: PretrainConfig) -> PretrainConfig:
+        return fill_unset(cfg, family_defaults(cfg.model.name, "pretrain"))  # the model's settings where unset
 
     def build(self):
         from accelerate.utils import set_seed
