@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from maevit.config import make_config
+    from maevit.config import make_config, merge, parse_overrides
     from maevit.train import pretrain as pt
     from maevit.train.finetune import FinetuneConfig, finetune
     from maevit.train.probe import ProbeConfig, probe
@@ -121,28 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "pretrain" in stages and not enc_path.is_file():
         t = time.time()
-<<<<<<< HEAD
         decoder = dict(zip(("decoder_embed_dim", "decoder_depth", "decoder_num_heads"), map(int, a.decoder.split(","))))
         probe_online = dict(probe_every=a.probe_every, probe_train=str(train), probe_val=str(test)) if a.probe_every else {}
+        mask = {} if a.mask_ratio is None else {"mask_ratio": a.mask_ratio}
         cfg = make_config(
-            pt.PretrainConfig, model={**arch, **decoder},
+            pt.PretrainConfig, model={**arch, **decoder, **mask},
             data=dict(train=str(train), batch_size=128, num_workers=a.workers),
             optim=dict(epochs=a.pretrain_epochs, base_lr=a.pretrain_lr, warmup_epochs=1),
-            run=dict(dir=str(out / "pretrain"), log_every=10, ckpt_every=200, viz_every=400, progress=False,
-                     keep_last=1, precision="fp32", **probe_online))
-=======
-        cfg = load_config(pt.PretrainConfig, None, [
-            *arch, *(f"model.decoder_{k}={v}" for k, v in zip(("embed_dim", "depth", "num_heads"),
-                                                               a.decoder.split(","))),
-            f"data.train={train}", "data.batch_size=128", f"data.num_workers={a.workers}",
-            f"optim.epochs={a.pretrain_epochs}", f"optim.base_lr={a.pretrain_lr}", "optim.warmup_epochs=1",
-            f"run.seed={a.seed}", *([f"model.mask_ratio={a.mask_ratio}"] if a.mask_ratio is not None else []),
-            f"run.dir={out / 'pretrain'}", "run.log_every=10", "run.ckpt_every=200", "run.viz_every=400",
-            "run.progress=false", "run.keep_last=1", "run.precision=fp32",
-            *([f"run.probe_every={a.probe_every}", f"run.probe_train={train}", f"run.probe_val={test}"]
-              if a.probe_every else []),
-        ])
->>>>>>> family
+            run=dict(dir=str(out / "pretrain"), seed=a.seed, log_every=10, ckpt_every=200, viz_every=400,
+                     progress=False, keep_last=1, precision="fp32", **probe_online))
         res = pt.train(cfg)
         save("pretrain", dict(loss=res.get("loss"), minutes=round((time.time() - t) / 60, 1),
                               images_per_sec=res.get("images_per_sec")))
@@ -156,46 +143,32 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.time()
         # from the pretraining run, the file says the architecture; from scratch, the same name and arguments
         model = dict(name=None, img_size=a.img_size, pretrained=str(pretrained)) if pretrained else dict(arch)
-        res = finetune(make_config(
-            FinetuneConfig, model={**model, "drop_path": 0.1},
+        # layer decay only makes sense for a pretrained encoder: from scratch it would just starve the
+        # lower blocks of learning rate, so scratch runs use 1.0 (as DeiT does); all else is equal
+        # (pretrained: the model's registered layer decay, grouping and exempt parts unless --layer-decay)
+        optim = dict(epochs=epochs, base_lr=1.0e-3, warmup_epochs=2, weight_decay=0.05)
+        if not pretrained:
+            optim["layer_decay"] = 1.0
+        elif a.layer_decay:
+            optim["layer_decay"] = a.layer_decay
+        sections = dict(
+            model={**model, "drop_path": 0.1},
             data=dict(train=str(train), val=str(test), batch_size=64, num_workers=a.workers,
                       label_fraction=fraction or None, mixup=0.8, cutmix=1.0, smoothing=0.1, re_prob=0.25),
-            # layer decay only makes sense for a pretrained encoder: from scratch it would just starve the
-            # lower blocks of learning rate, so scratch runs use 1.0 (as DeiT does); all else is equal
-<<<<<<< HEAD
-            optim=dict(epochs=epochs, base_lr=1.0e-3, layer_decay=0.75 if pretrained else 1.0, warmup_epochs=2,
-                       weight_decay=0.05),
-            run=dict(dir=str(out / name), eval_every=epochs, log_every=20, precision="fp32")))
-=======
-            # (pretrained: the model's registered layer decay, grouping and exempt parts unless --layer-decay)
-            f"optim.epochs={epochs}", "optim.base_lr=1.0e-3", f"run.seed={a.seed}",
-            *([f"optim.layer_decay={a.layer_decay}"] if pretrained and a.layer_decay else []),
-            *(a.ft_set if pretrained else ["optim.layer_decay=1.0"]),
-            "optim.warmup_epochs=2", "optim.weight_decay=0.05",
-            f"run.dir={out / name}", f"run.eval_every={epochs}", "run.log_every=20", "run.precision=fp32",
-        ]
-        res = finetune(load_config(FinetuneConfig, None, ov))
->>>>>>> family
+            optim=optim, run=dict(dir=str(out / name), seed=a.seed, eval_every=epochs, log_every=20, precision="fp32"))
+        if pretrained:  # --ft-set KEY=VALUE: the user's own overrides, on top
+            sections = merge(sections, parse_overrides(a.ft_set))
+        res = finetune(make_config(FinetuneConfig, **sections))
         save(name, dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
 
     for enc_name, src in (("mae", enc_path), ("random", None)):
         if "probe" in stages and f"probe_{enc_name}" not in results:
             t = time.time()
-<<<<<<< HEAD
             res = probe(make_config(
                 ProbeConfig, model=dict(pretrained=str(src), img_size=a.img_size) if src else arch,
                 data=dict(train=str(train), val=str(test), batch_size=256, num_workers=a.workers),
                 optim=dict(epochs=a.probe_epochs, warmup_epochs=5),
-                run=dict(dir=str(out / ("probe_" + enc_name)), precision="fp32")))
-=======
-            res = probe(load_config(ProbeConfig, None, [
-                *([f"model.pretrained={src}", f"model.img_size={a.img_size}"] if src else arch),
-                f"data.train={train}", f"data.val={test}", "data.batch_size=256", f"data.num_workers={a.workers}",
-                f"optim.epochs={a.probe_epochs}", "optim.warmup_epochs=5", f"run.dir={out / ('probe_' + enc_name)}",
-                f"run.seed={a.seed}",
-                "run.precision=fp32",
-            ]))
->>>>>>> family
+                run=dict(dir=str(out / ("probe_" + enc_name)), seed=a.seed, precision="fp32")))
             save(f"probe_{enc_name}", dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
         for pool in ("token", "avg"):
             key = f"knn_{enc_name}" + ("" if pool == "token" else "_avg")
