@@ -341,7 +341,7 @@ class CvtEncoder(EncoderMixin, nn.Module):
         self.num_prefix_tokens = int(cls_token)
         self.num_features = self.embed_dim = embed_dims[-1]
         act = get_act_layer(act_layer)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # (also under a meta device)
         self.stages = nn.ModuleList()
         chans = in_chans
         for i, dim in enumerate(embed_dims):

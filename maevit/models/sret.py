@@ -434,7 +434,7 @@ class SReTEncoder(EncoderMixin, nn.Module):
         self.patch_embed = ConvStem(in_chans, embed_dims[0], tuple(stem_strides))
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dims[0], img_size[0] // stem, img_size[1] // stem))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(recursions)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(recursions), device="cpu").tolist()  # (also under a meta device)
         self.stages = nn.ModuleList()
         for s in range(n):
             first = sum(recursions[:s])

@@ -325,9 +325,10 @@ class Loop:
 
         Never while the run is diverging (:meth:`~maevit.train.step.StepGuard.health`): then nothing is
         written or pruned, so the newest checkpoint from before the divergence is kept."""
-        self.held = self.guard.health(self.acc, self.s.params)
+        self.held, suspect = self.guard.health(self.acc, self.s.params)
         if self.held is not None:
-            self._set_aside_unconfirmed()
+            if suspect:
+                self._set_aside_unconfirmed()
             if self.acc.is_main_process:
                 logger.warning("step %d: no checkpoint written: %s. %s", self.step, self.held, self.last_good())
             return
@@ -358,10 +359,10 @@ class Loop:
         return self.run.checkpoint_path(self.confirmed_at) if self.confirmed_at >= 0 else None
 
     def last_good(self) -> str:
-        """A sentence naming the newest checkpoint known to be from before the divergence."""
-        if self.confirmed_at < 0:
+        """A sentence naming the newest checkpoint kept (one that may hold diverged weights is set aside first)."""
+        if self.saved_at < 0:
             return "No checkpoint was written before it."
-        return f"The newest checkpoint from before it, {self._confirmed()}, is kept."
+        return f"The newest checkpoint from before it, {self.run.checkpoint_path(self.saved_at)}, is kept."
 
     # ------------------------------------------------------------------ logging
     def _count(self, out: dict[str, torch.Tensor]) -> None:
@@ -377,7 +378,8 @@ class Loop:
         try:
             read = self.guard.read(acc, self.policy.max_nonfinite, self.task.advice())
         except NonFiniteLossError as e:
-            self._set_aside_unconfirmed()
+            if self.guard.health(acc, self.s.params)[1]:  # a blow-up before the streak: its checkpoint too
+                self._set_aside_unconfirmed()
             raise NonFiniteLossError(f"{e} {self.last_good()}") from None
         now = time.perf_counter()
         img_s = s.eff_batch * (self.step - self._step_log) / (now - self._t_log)
@@ -462,6 +464,9 @@ def fit(task: Task) -> dict[str, Any]:
         if not loop.policy.checkpoints:  # nothing saved: the command says "interrupted" (exit 130)
             raise KeyboardInterrupt
         raise TrainingInterrupted(loop.step, run.checkpoint_path(loop.step))
+    if loop.policy.checkpoints and acc.is_main_process:  # healthy to the end: the extra one kept is not needed
+        runs.prune_checkpoints(run, loop.policy.keep_last)
+        run.prune_beside_checkpoints()
     result = task.export(loop)
     acc.wait_for_everyone()
     acc.end_training()

@@ -576,11 +576,17 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         write_text_atomic(run.checkpoints_dir / LATEST_FILE, name + "\n")
-        for stale in run.checkpoints()[:-keep_last]:
-            if stale != final and stale != protect:  # protect: the newest one known to be healthy
-                _remove_dir(stale)
+        prune_checkpoints(run, keep_last, keep=(final, protect))
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(run: RunDir, keep_last: int, keep: tuple[Path | None, ...] = ()) -> None:
+    """Remove all but the newest ``keep_last`` complete checkpoints, and never one in ``keep`` (the one
+    just written, the newest known to be healthy). Main process only."""
+    for stale in run.checkpoints()[:-keep_last]:
+        if stale not in keep:
+            _remove_dir(stale)
 
 
 def _any_rank(accelerator: Any, flag: bool) -> bool:
