@@ -249,7 +249,8 @@ class Loop:
         # the newest checkpoint known to be healthy: a later health check passed (a checkpoint written on the
         # step that blows the weights up passes its own check: the loss shows it one step later)
         self.confirmed_at = self.saved_at
-        self.held: str | None = None  # why the last checkpoint was held back (the run is diverging), or None
+        self.held: str | None = None
+        self.set_aside: Path | None = None  # a checkpoint moved aside because it may hold diverged weights  # why the last checkpoint was held back (the run is diverging), or None
         self.stopping = False
         self.watchdog = Watchdog(s.run.root, self.acc.process_index, self.acc.num_processes, self.policy.hang_timeout)
         if ckpt is not None:
@@ -325,10 +326,9 @@ class Loop:
 
         Never while the run is diverging (:meth:`~maevit.train.step.StepGuard.health`): then nothing is
         written or pruned, so the newest checkpoint from before the divergence is kept."""
-        self.held, suspect = self.guard.health(self.acc, self.s.params)
+        self.held = self.guard.health(self.acc, self.s.params)
         if self.held is not None:
-            if suspect:
-                self._set_aside_unconfirmed()
+            self._set_aside_unconfirmed()
             if self.acc.is_main_process:
                 logger.warning("step %d: no checkpoint written: %s. %s", self.step, self.held, self.last_good())
             return
@@ -353,6 +353,7 @@ class Loop:
                 logger.warning("checkpoint of step %d may hold the weights that diverged: moved to %s",
                                self.saved_at, moved.name)
             self.acc.wait_for_everyone()
+            self.set_aside = self.run.damaged_path(self.saved_at)
             self.saved_at = self.confirmed_at
 
     def _confirmed(self) -> Path | None:
@@ -360,9 +361,11 @@ class Loop:
 
     def last_good(self) -> str:
         """A sentence naming the newest checkpoint kept (one that may hold diverged weights is set aside first)."""
+        aside = (f" The one written just before it may hold the weights that failed: it was moved to "
+                 f"{self.set_aside}." if self.set_aside is not None else "")
         if self.saved_at < 0:
-            return "No checkpoint was written before it."
-        return f"The newest checkpoint from before it, {self.run.checkpoint_path(self.saved_at)}, is kept."
+            return f"No healthy checkpoint was written before it.{aside}"
+        return f"The newest checkpoint from before it, {self.run.checkpoint_path(self.saved_at)}, is kept.{aside}"
 
     # ------------------------------------------------------------------ logging
     def _count(self, out: dict[str, torch.Tensor]) -> None:
@@ -378,8 +381,7 @@ class Loop:
         try:
             read = self.guard.read(acc, self.policy.max_nonfinite, self.task.advice())
         except NonFiniteLossError as e:
-            if self.guard.health(acc, self.s.params)[1]:  # a blow-up before the streak: its checkpoint too
-                self._set_aside_unconfirmed()
+            self._set_aside_unconfirmed()  # the checkpoint written just before may hold what fails
             raise NonFiniteLossError(f"{e} {self.last_good()}") from None
         now = time.perf_counter()
         img_s = s.eff_batch * (self.step - self._step_log) / (now - self._t_log)

@@ -239,6 +239,10 @@ class RunDir:
         """Where the checkpoint of ``step`` is published: ``checkpoints/step-%08d``."""
         return self.checkpoints_dir / f"{CKPT_PREFIX}{step:08d}"
 
+    def damaged_path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` goes when it is set aside (damaged, or suspected of divergence)."""
+        return self.checkpoints_dir / f"{DAMAGED_PREFIX}{CKPT_PREFIX}{step:08d}"
+
     def ema_path(self, step: int) -> Path:
         """EMA weights saved beside the checkpoint of ``step``: ``checkpoints/ema-%08d.safetensors``."""
         return self.checkpoints_dir / f"{EMA_PREFIX}{step:08d}.safetensors"

@@ -71,28 +71,26 @@ class StepGuard:
         self.rising = settled & (self.ema > RISE * self.ema_min)
         self.step_sum.zero_(), self.step_n.zero_()
 
-    def health(self, acc, params: list[torch.Tensor]) -> tuple[str | None, bool]:
-        """``(why the current weights must not be checkpointed, or None; whether the weights themselves are
-        suspect)`` (a host sync; call before a checkpoint).
+    def health(self, acc, params: list[torch.Tensor]) -> str | None:
+        """Why the current weights must not be checkpointed (a host sync; call before a checkpoint), or None.
 
-        Unhealthy: a non-finite streak is open (its updates were skipped: the weights are not suspect),
-        the last step's loss spiked, the running loss is rising far above its lowest value, or a weight
-        is not finite (on any rank)."""
+        Unhealthy: a non-finite streak is open (its updates were skipped, but the weights it keeps failing
+        on may be the ones the last accepted update blew up), the last step's loss spiked, the running
+        loss is rising far above its lowest value, or a weight is not finite (on any rank)."""
         weights_ok = torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if params else \
             torch.ones((), dtype=torch.bool, device=self.bad_run.device)
         flags = torch.stack([self.bad_run, self.spike_run, self.rising.float(), (~weights_ok).float(),
                              self.ema, self.ema_min])
         bad_run, spike_run, rising, weights, ema, low = acc.reduce(flags, reduction="max").tolist()
         if weights:
-            return "some weights are no longer finite", True
+            return "some weights are no longer finite"
         if spike_run:
-            return f"the loss of the last {int(spike_run)} step(s) was over {SPIKE:g}x its running mean", True
+            return f"the loss of the last {int(spike_run)} step(s) was over {SPIKE:g}x its running mean"
         if rising:
-            return (f"the running loss ({ema:.4g}) is over {RISE:g}x its lowest value ({low:.4g}): the run is "
-                    f"diverging"), True
+            return f"the running loss ({ema:.4g}) is over {RISE:g}x its lowest value ({low:.4g}): the run is diverging"
         if bad_run:
-            return f"the last {int(bad_run)} step(s) had a non-finite loss or gradient", False
-        return None, False
+            return f"the last {int(bad_run)} step(s) had a non-finite loss or gradient"
+        return None
 
     def step(self, acc, optimizer, params: list[torch.Tensor], lr: float, clip_grad: float | None) -> None:
         """Inside ``acc.accumulate``: on a syncing micro-batch set the lr, clip, guard; then step and zero."""
