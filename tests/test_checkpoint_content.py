@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from maevit.train import runs
 from maevit.train.pretrain import main, train
@@ -13,12 +12,7 @@ from test_pretrain import TINY, _cfg, _losses
 COMMON = ("run.log_every=1", "run.ckpt_every=2", "run.keep_last=3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the reference runs: one thread
 
 
 def _zero_second_half(path: Path) -> None:

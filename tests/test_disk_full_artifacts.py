@@ -4,19 +4,13 @@ import builtins
 import errno
 
 import pytest
-import torch
 
 from maevit.train import curves, metrics, runs
 from maevit.train.pretrain import main
 from tiny_runs import TINY_PRETRAIN as TINY
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the reference runs: one thread
 
 
 class _FullAfter:

@@ -13,12 +13,7 @@ from tiny_runs import TINY_PRETRAIN as TINY
 BLOW_UP_AT = SETTLE + 6  # after the running loss has settled and two healthy checkpoints exist
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the reference runs: one thread
 
 
 @pytest.fixture

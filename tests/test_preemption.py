@@ -19,12 +19,7 @@ from tiny_runs import TINY_PRETRAIN as TINY
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # as in the subprocess (OMP_NUM_THREADS=1): the resumed and the reference runs must match it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the reference runs: one thread
 
 
 def _run_until_step(args, run_dir, sig, *, group: bool, at_step: int = 3):

@@ -1,7 +1,6 @@
 """No duplicated metric rows after any resume point (issue 20): a fine-tune resumed from the checkpoint
 at an epoch's last step evaluates that epoch again, and its validation row is written once."""
 import pytest
-import torch
 
 from maevit.config import load_config
 from maevit.train import runs
@@ -12,12 +11,7 @@ ARGS = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_siz
         "data.batch_size=32", "data.num_workers=0", "run.progress=false", "run.precision=fp32", "run.log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the reference runs: one thread
 
 
 def test_resume_at_an_epochs_last_step_writes_its_validation_row_once(tmp_path):
