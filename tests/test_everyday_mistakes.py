@@ -38,6 +38,7 @@ def place(tmp_path_factory):
 CASES = [
     ("pretrain", PRE, "data.train=tree", "run.dir=afile", "is a file, not a folder"),
     ("pretrain", PRE, "data.train=tree.tar.gz", "run.dir=r1", "is a compressed archive"),
+    ("pretrain", PRE, "data.train=tree", "model.mask_ratio=0.99", "keeps no mask unit out of 16"),
     ("pretrain", PRE, "data.train=nothing/*.tar", "run.dir=r2", "matches no file"),
     ("finetune", FT, "data.train=high", "run.dir=r3", "one level further down"),
     ("finetune", FT, "data.train=tree/ant", "run.dir=r4", "pass the folder above it"),

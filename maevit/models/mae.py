@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .masking import Mask, random_masking
+from .masking import Mask, num_visible, random_masking
 from .patch import patchify
 from .pos_embed import sincos_2d
 
@@ -148,6 +148,7 @@ class MaskedAutoencoder(nn.Module):
         )
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
+        self._check_mask_ratio(mask_ratio)
         # "visible" (MAE) or "mask_tokens" (the encoder's SimMIM-style reference path; benchmarks only)
         self.encoder_path = "visible"
         self.mae_args = dict(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
@@ -169,6 +170,17 @@ class MaskedAutoencoder(nn.Module):
     def num_patches(self) -> int:
         gh, gw = self.grid_size
         return gh * gw
+
+    def _check_mask_ratio(self, ratio: float) -> None:
+        """A ratio that keeps no unit, or masks none, at this image size is refused when the model is built
+        (not at its first step): with few units per image, e.g. 0.95 of 16 keeps int(0.8) = 0."""
+        s = self.encoder.mask_unit // self.encoder.patch_size
+        gh, gw = self.grid_size
+        units = (gh // s) * (gw // s)
+        keep = num_visible(units, ratio)  # raises when none is kept
+        if keep >= units:
+            raise ValueError(f"mask_ratio {ratio} masks no mask unit out of {units} (it keeps {keep}); raise the "
+                             f"ratio (MAE: 0.75) or use larger images")
 
     def random_mask(
         self,
