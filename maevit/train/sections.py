@@ -27,8 +27,12 @@ class RunSection:
 
     dir: str = "runs/run"  # run directory: config, metrics, checkpoints, images, weights
     seed: int = 0
-    precision: Precision = "auto"  # auto: bf16 where native and faster (GPUs; CPUs with bf16 units), else fp32
+    precision: Precision = "auto"  # auto: bf16 on GPUs with native bf16 and CPUs with AMX-bf16, else fp32
     fresh: bool = False  # start over even if RUN_DIR has a checkpoint (old run moved aside)
+
+    def validate(self) -> None:
+        if not str(self.dir).strip():
+            raise ConfigError("run.dir is empty: name the folder this run writes to (e.g. run.dir=runs/my-run)")
 
 
 @dataclass
@@ -113,6 +117,7 @@ class RunBase(RunSection):
     hang_timeout: int = 1800
 
     def validate(self) -> None:
+        super().validate()
         for key in ("log_every", "keep_last", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key} must be >= 1, got {getattr(self, key)}")
