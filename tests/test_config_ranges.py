@@ -1,6 +1,5 @@
 """Every numeric key is range-checked at load time, from one table (``maevit.config.RANGES``);
 ``None`` / ``null`` / ``~`` mean null on the command line; a ``#`` in a value is text."""
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path

@@ -5,7 +5,7 @@ import errno
 
 import pytest
 
-from maevit.train import curves, metrics, runs
+from maevit.train import curves, metrics
 from maevit.train.pretrain import main
 from tiny_runs import TINY_PRETRAIN as TINY
 

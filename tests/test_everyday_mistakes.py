@@ -1,7 +1,6 @@
 """Everyday mistakes through the real commands: one paragraph, exit 2, no traceback, nothing written
 (issue 21). Each case is a kind: a wrong kind of path, a folder one level off, an OS error."""
 import errno
-import io
 import subprocess
 import sys
 import tarfile

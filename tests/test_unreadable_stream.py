@@ -1,6 +1,5 @@
 """A stream in which every sample is unreadable stops after one pass with the skip reasons
 (issues 20 and 21), in training and in evaluation, instead of spinning through empty epochs."""
-import io
 import os
 
 import numpy as np

@@ -16,14 +16,11 @@ from .transforms import (
     PretrainTransform,
     labeled_transform,
 )
-
 from .labels import label_map
 from .sources import STAT_KEYS, DataSourceError, Source, _first_tar_has_labels, resolve_source
 from .split import _Spec, _StreamDataset, batches_per_rank, select_fraction
 
-log = logging.getLogger(__name__)
-
-log = logging.getLogger("maevit.data.stream")
+log = logging.getLogger("maevit.data.stream")  # the name the warnings have always had
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,7 @@ from typing import Any
 from . import bundled as _bundled, sample as _sample
 from .transforms import IMAGE_EXTS
 
-log = logging.getLogger(__name__)
-
-log = logging.getLogger("maevit.data.stream")
+log = logging.getLogger("maevit.data.stream")  # the name the warnings have always had
 
 
 TEXT_EXTS = ("cls", "txt", "json")

@@ -28,9 +28,7 @@ from .transforms import (
 from .sources import Source, Unit
 from .tars import TransformError, _Errors, _has_image, _image_of, _read_unit, _tar_labels, _where
 
-log = logging.getLogger(__name__)
-
-log = logging.getLogger("maevit.data.stream")
+log = logging.getLogger("maevit.data.stream")  # the name the warnings have always had
 
 
 def _segments(counts: Sequence[int], start: int, n: int) -> list[tuple[int, int, int]]:

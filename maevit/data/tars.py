@@ -12,9 +12,7 @@ from .transforms import IMAGE_EXTS
 
 from .sources import INDEX_NAME, STAT_KEYS, TEXT_EXTS, Unit
 
-log = logging.getLogger(__name__)
-
-log = logging.getLogger("maevit.data.stream")
+log = logging.getLogger("maevit.data.stream")  # the name the warnings have always had
 
 
 # ---------------------------------------------------------------------------------------------

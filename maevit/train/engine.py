@@ -235,7 +235,8 @@ class Loop:
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "nonfinite_steps": 0,
                                       "precision": s.precision}  # kept on resume
         if ckpt is not None:
-            self.state.update(runs.load_checkpoint(self.acc, ckpt, generators=s.generators or None))
+            self.state.update(runs.load_checkpoint(self.acc, ckpt, generators=s.generators or None,
+                                                   verified=True))  # open_run checked its digests
         self.step, self.epoch, self.batch = self.state["step"], self.state["epoch"], self.state["batch"]
         self.skips = SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
         self.metrics = MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,

@@ -15,12 +15,12 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from maevit.train.perf import _scalar_loss, cpu_matmul_tflops
+from maevit.train.perf import _scalar_loss
 
 logger = logging.getLogger("maevit.throughput")
 

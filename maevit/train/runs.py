@@ -157,9 +157,10 @@ def _file_digests(root: Path) -> dict[str, dict[str, Any]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
+def checkpoint_problem(path: str | os.PathLike, *, digests: bool = True) -> str | None:
     """What is wrong with checkpoint ``path`` by content, or None when every file it lists is there with
-    the size and SHA-256 recorded when it was written (older checkpoints recorded sizes only)."""
+    the size and SHA-256 recorded when it was written (older checkpoints recorded sizes only;
+    ``digests=False``: sizes only)."""
     path = Path(path)
     try:
         files = json.loads((path / STATE_FILE).read_text()).get("files")
@@ -172,7 +173,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} is {f.stat().st_size} bytes, but {size} were written"
-        if digest is not None and _sha256(f) != digest:
+        if digests and digest is not None and _sha256(f) != digest:
             return f"{name} has the size it was written with but not the content (its SHA-256 differs)"
     return None
 
@@ -667,8 +668,12 @@ def load_checkpoint(
     ckpt: str | os.PathLike,
     *,
     generators: Mapping[str, torch.Generator] | None = None,
+    verified: bool = False,
 ) -> dict[str, Any]:
     """Restore a state written by :func:`save_checkpoint`; returns its ``state`` dict.
+
+    ``verified``: :func:`open_run` chose ``ckpt`` after checking its digests, so only sizes are checked
+    again (hashing a large checkpoint twice per resume buys nothing).
 
     Call after ``accelerator.prepare``. Restores model, optimizer, prepared
     schedulers, scaler, Accelerate's accumulation counter, this rank's RNGs and
@@ -690,7 +695,7 @@ def load_checkpoint(
         raise FileNotFoundError(
             f"{ckpt} is not a complete checkpoint (no {STATE_FILE}); pass a RUN_DIR/checkpoints/step-* directory"
         )
-    problem = checkpoint_problem(ckpt)
+    problem = checkpoint_problem(ckpt, digests=not verified)
     if problem is not None:
         raise ResumeError(
             f"cannot resume from {ckpt}: {problem}: it was modified or damaged since. Nothing was loaded. "
