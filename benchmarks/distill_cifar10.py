@@ -53,6 +53,10 @@ def main() -> None:
                    help="model.args of the teacher (ResNet at 32 px: dilate the last two stages)")
     p.add_argument("--teacher-epochs", type=float, default=2.0, help="teacher epochs = this x the students'")
     p.add_argument("--teacher-lr", type=float, default=4e-3, help="base lr (x batch/256) of the teacher")
+    p.add_argument("--teacher-labels", choices=("same", "all"), default="same",
+                   help="same: each student's teacher saw the student's labels; all: every student's teacher is "
+                        "the one trained on 100%% of the labels (DeiT's setting: a teacher that knows more)")
+    p.add_argument("--fractions", default="10,100", help="label budgets to run, of 10,100")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--scratch-distill", action="store_true", help="also: from scratch + distillation")
     p.add_argument("--workers", type=int, default=1)
@@ -88,6 +92,7 @@ def main() -> None:
                         pretrain_epochs=a.pretrain_epochs, ft_epochs=a.ft_epochs,
                         ft_epochs_low=a.ft_epochs_low or 3 * a.ft_epochs, teacher=a.teacher,
                         teacher_args=a.teacher_args, teacher_epochs=a.teacher_epochs, alpha=a.alpha,
+                        teacher_labels=a.teacher_labels,
                         threads=torch.get_num_threads()))
     size = dict(patch_size=a.patch, args={"depth": a.depth})  # the student's size, from scratch
     enc_path = out / "pretrain" / "encoder.safetensors"
@@ -121,8 +126,12 @@ def main() -> None:
         save(name, dict(row, minutes=round((time.time() - t) / 60, 1)))
 
     low = a.ft_epochs_low or 3 * a.ft_epochs
-    plans = ((0.1, "10", low), (None, "100", a.ft_epochs))  # the cheap pair first
-    for frac, tag, epochs in plans:
+    plans = [(f, t, e) for f, t, e in ((0.1, "10", low), (None, "100", a.ft_epochs))  # the cheap pair first
+             if t in a.fractions.split(",")]
+    teacher_tag = {tag: ("100" if a.teacher_labels == "all" else tag) for _, tag, _ in plans}
+    teacher_plans = [(f, t, e) for f, t, e in ((0.1, "10", low), (None, "100", a.ft_epochs))
+                     if t in teacher_tag.values()]
+    for frac, tag, epochs in teacher_plans:
         name = f"teacher_{tag}"
         if "teacher" in stages and name not in results:
             t = time.time()
@@ -131,7 +140,7 @@ def main() -> None:
                 optim=dict(base_lr=a.teacher_lr, layer_decay=1.0)))))
             record(name, res, t)
     for frac, tag, epochs in plans:
-        teacher = out / f"teacher_{tag}"
+        teacher = out / f"teacher_{teacher_tag[tag]}"
         runs = [("mae_distill", enc_path, teacher), ("mae", enc_path, None), ("scratch", None, None)]
         if a.scratch_distill:
             runs.append(("scratch_distill", None, teacher))
@@ -153,16 +162,16 @@ def main() -> None:
             for kind in ("mae_distill", "mae", "scratch", "scratch_distill"):
                 name, key = f"ft_{kind}_{tag}", f"agree_{kind}_{tag}"
                 if key in results or not (out / name / "classifier.safetensors").is_file() or \
-                        not (out / f"teacher_{tag}" / "classifier.safetensors").is_file():
+                        not (out / f"teacher_{teacher_tag.get(tag, tag)}" / "classifier.safetensors").is_file():
                     continue
-                save(key, _agreement(out / name, out / f"teacher_{tag}", test, a.workers))
+                save(key, _agreement(out / name, out / f"teacher_{teacher_tag.get(tag, tag)}", test, a.workers))
 
     def cell(key: str, field: str = "top1") -> str:
         v = results.get(key, {}).get(field)
         return f"{v:.1f}%" if v is not None else "-"
 
     print("\n| CIFAR-10 top-1 (test) | 10% labels | 100% labels |\n|---|---|---|")
-    print(f"| teacher {a.teacher} (same labels) | {cell('teacher_10')} | {cell('teacher_100')} |")
+    print(f"| teacher {a.teacher} ({'same labels' if a.teacher_labels == 'same' else 'trained on all labels: both columns are its 100% figure'}) | {cell('teacher_10')} | {cell('teacher_100')} |")
     kinds = [("mae_distill", "DeiT MAE + hard distillation"), ("mae", "DeiT MAE, no teacher"),
              ("scratch", "DeiT from scratch, no teacher")]
     if a.scratch_distill:
