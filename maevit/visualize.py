@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from maevit.config import RANGES, Range, ranged
-from maevit.train.runs import RunDir
+from maevit.train.runs import RunDir, run_root_of
 from maevit.viz import IMAGENET_MEAN, IMAGENET_STD, save_reconstruction_grid
 
 
@@ -64,12 +64,10 @@ def _run_data(checkpoint: str, header: dict) -> tuple[str | None, Sequence[float
 
     from maevit.models.weights import find_weights_file
 
-    path = find_weights_file(checkpoint)
-    for run_dir in (path.parent, path.parent.parent, path.parent.parent.parent):
-        cfg_file = RunDir(run_dir).config_path
-        if cfg_file.is_file():
-            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
-            return data.get("train"), data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
+    run_dir = run_root_of(find_weights_file(checkpoint))
+    if run_dir is not None:
+        data = (yaml.safe_load(RunDir(run_dir).config_path.read_text()) or {}).get("data") or {}
+        return data.get("train"), data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
     return None, header.get("mean", IMAGENET_MEAN), header.get("std", IMAGENET_STD)
 
 
