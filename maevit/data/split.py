@@ -277,7 +277,8 @@ class _StreamDataset(IterableDataset):
             else:
                 x = torch.stack([imgs[i] for i in good])  # [B, 3, H, W], normalized by the transform
             y = torch.tensor([labels[i] for i in good], dtype=torch.int64)  # [B]
-        return {"images": x, "labels": y, "worker": lw, "skipped": errors.take_pending()}
+        keys = [str(raw[i].get("__key__", "")) for i in good] if s.mode == "eval" else []  # eval: one per sample
+        return {"images": x, "labels": y, "keys": keys, "worker": lw, "skipped": errors.take_pending()}
 
 
 def select_fraction(source: Source, fraction: float, seed: int) -> Source:
