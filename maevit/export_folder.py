@@ -65,7 +65,7 @@ def write_timm_folder(model: nn.Module, out_dir: str | os.PathLike, *, preproces
     import timm
     from timm.models._hub import save_config_for_hf
 
-    sd, header = encoder_export(model)
+    sd, header = encoder_export(model, mean=list(preprocessing["mean"]), std=list(preprocessing["std"]))
     if not header.get("timm_model"):
         encoder = getattr(model, "encoder", model)
         raise ExportFormatError(
@@ -108,7 +108,7 @@ def write_hf_folder(mae: nn.Module, out_dir: str | os.PathLike, *, preprocessing
     from maevit.models.hf_vitmae import hf_vitmae_config, to_hf_vitmae_keys
 
     _check_hf_expressible(mae)
-    header = header_of(mae, "mae")
+    header = header_of(mae, "mae", mean=list(preprocessing["mean"]), std=list(preprocessing["std"]))
     config = hf_vitmae_config(mae)
     setattr(config, FOLDER_HEADER_KEY, header)  # saved into config.json with the other attributes
     hf = ViTMAEForPreTraining(config).eval()
