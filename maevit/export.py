@@ -9,7 +9,8 @@ Formats: ``OUT.safetensors`` (default): the encoder with a maevit header; plain-
 exports load into timm strictly and the command prints the line that does it.
 ``--format timm OUT_DIR``: a timm model folder (``config.json``, ``model.safetensors``,
 ``README.md``) that ``timm.create_model("local-dir:OUT_DIR", pretrained=True)`` loads
-strictly, for every family timm has. ``--format hf OUT_DIR``: a plain-ViT MAE with its
+strictly, for every family timm has: the encoder, or a fine-tuned classifier with its
+head and class names. ``--format hf OUT_DIR``: a plain-ViT MAE with its
 decoder as a ``transformers`` ``ViTMAEForPreTraining`` folder. maevit's own commands read
 both folders wherever they read a weights file.
 """
@@ -70,16 +71,26 @@ def _export_file(src: str, out: str, model: str | None, kw: dict[str, Any]) -> i
 
 
 def _export_timm(src: str, out: str, model: str | None, kw: dict[str, Any]) -> int:
+    """A classifier (a fine-tuning run or file) keeps its head and class names; anything else gives its encoder."""
     from maevit.export_folder import timm_folder_line, write_timm_folder
-    from maevit.models import create_classifier
+    from maevit.models import create_classifier, read_header
+    from maevit.train.evaluate import load_classifier
 
-    encoder = create_classifier(model, 0, pretrained=src, global_pool=None, **kw)
-    prep = preprocessing_of(src, encoder)
+    classes = None
+    if read_header(src).get("kind") == "classifier":
+        net, header = load_classifier(src, name=model, img_size=kw.pop("img_size", None))
+        classes = header.get("class_names") or [str(i) for i in range(net.num_classes)]
+        what = f"classifier ({len(classes)} classes)"
+    else:
+        net = create_classifier(model, 0, pretrained=src, global_pool=None, **kw)
+        what = "encoder"
+    prep = preprocessing_of(src, net)
     line = timm_folder_line(out)
-    folder = write_timm_folder(encoder, out, preprocessing=prep,
+    folder = write_timm_folder(net, out, preprocessing=prep, class_names=classes,
                                card=lambda h: _card(h, src, "timm", f"import timm\nmodel = {line}", prep))
-    print(f"wrote {folder}: {encoder.model_name} encoder as a timm model folder (config.json, model.safetensors, "
-          f"README.md)\n{encoder.load_report}\nload it in timm: {line}")
+    report = f"\n{net.load_report}" if getattr(net, "load_report", None) else ""
+    print(f"wrote {folder}: {net.model_name} {what} as a timm model folder (config.json, model.safetensors, "
+          f"README.md){report}\nload it in timm: {line}")
     return 0
 
 

@@ -50,14 +50,16 @@ def hf_folder_line(folder: str | os.PathLike) -> str:
 
 
 def write_timm_folder(model: nn.Module, out_dir: str | os.PathLike, *, preprocessing: Mapping[str, Any],
-                      card: Callable[[Mapping[str, Any]], str]) -> Path:
-    """Write the encoder of ``model`` (an MAE, an encoder or a classifier) as a timm model folder.
+                      card: Callable[[Mapping[str, Any]], str], class_names: list[str] | None = None) -> Path:
+    """Write the encoder of ``model`` (an MAE, an encoder or a classifier) as a timm model folder; with
+    ``class_names``, the classifier ``model`` with its head (timm's ``label_names``).
 
     Args:
         model: any maevit model whose encoder has a timm twin (``timm_spec()``).
         out_dir: the folder (replaced if it is an earlier model folder).
         preprocessing: ``mean``, ``std``, ``interpolation``, ``crop_pct`` of the images it expects.
         card: header -> the ``README.md`` text.
+        class_names: the classes of a classifier's logits: the head is kept.
 
     Raises:
         ExportFormatError: the family (or an option of it) has no timm architecture.
@@ -65,7 +67,11 @@ def write_timm_folder(model: nn.Module, out_dir: str | os.PathLike, *, preproces
     import timm
     from timm.models._hub import save_config_for_hf
 
-    sd, header = encoder_export(model, mean=list(preprocessing["mean"]), std=list(preprocessing["std"]))
+    norm = {"mean": list(preprocessing["mean"]), "std": list(preprocessing["std"])}
+    if class_names is None:
+        sd, header = encoder_export(model, **norm)
+    else:
+        sd, header = dict(model.state_dict()), header_of(model, "classifier", class_names=list(class_names), **norm)
     if not header.get("timm_model"):
         encoder = getattr(model, "encoder", model)
         raise ExportFormatError(
@@ -81,7 +87,8 @@ def write_timm_folder(model: nn.Module, out_dir: str | os.PathLike, *, preproces
 
     def fill(tmp: Path) -> None:
         tmp.mkdir()
-        save_config_for_hf(twin, str(tmp / FOLDER_CONFIG), model_config={FOLDER_HEADER_KEY: header},
+        labels = {} if class_names is None else {"label_names": list(class_names)}
+        save_config_for_hf(twin, str(tmp / FOLDER_CONFIG), model_config={FOLDER_HEADER_KEY: header, **labels},
                            data_config=data_config)
         config = json.loads((tmp / FOLDER_CONFIG).read_text())
         for key in _SOURCE_FIELDS:

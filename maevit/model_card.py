@@ -5,8 +5,9 @@ matter sets the library and tags); timm's ``push_to_hf_hub`` writes one too, but
 from a timm ``pretrained_cfg`` that knows nothing of the run. Here the facts come
 from the run directory alone: the resolved ``config.yaml`` (data, recipe),
 ``metrics.jsonl`` (steps, final loss, the online kNN probe, validation top-1 of a
-fine-tune or a probe) and the newest checkpoint's ``trainer_state.json``
-(processes). A number the run did not measure is left out, never guessed.
+fine-tune or a probe), ``eval.json`` (``maevit eval RUN_DIR``) and the newest
+checkpoint's ``trainer_state.json`` (processes). A number the run did not measure
+is left out, never guessed.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from maevit.runlayout import STATE_FILE
+from maevit.runlayout import EVAL_FILE, STATE_FILE
 
 
 @dataclass
@@ -68,6 +69,10 @@ def run_facts(run_dir: str | Path) -> RunFacts:
         what = {"finetune": "fine-tune", "probe": "linear probe"}.get(command, "validation")
         facts.measured[f"{what} top-1 on {facts.val_data or 'data.val'}, step {val[-1]['step']}"] = float(
             val[-1]["val_top1"])
+    evaluated = _json(run.root / EVAL_FILE)  # `maevit eval RUN_DIR` writes it beside the classifier
+    if isinstance(evaluated.get("top1"), (int, float)):
+        facts.measured[f"maevit eval top-1 on {evaluated.get('data', '?')} ({evaluated.get('samples', '?')} "
+                       "images)"] = float(evaluated["top1"])
     return facts
 
 
@@ -80,7 +85,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 _WHAT = {"encoder": "MAE-pretrained encoder", "mae": "masked autoencoder (encoder and decoder)",
-         "classifier": "classifier"}
+         "classifier": "fine-tuned classifier"}
 
 
 def model_card(

@@ -47,6 +47,15 @@ def test_embedded_knn_equals_the_online_probe(tmp_path, capsys):
     assert cli(["knn", str(tmp_path / "train.safetensors"), str(tmp_path / "val.safetensors")]) == 0
     top1, top5 = map(float, re.search(r"top-1 ([\d.]+)%  top-5 ([\d.]+)%", capsys.readouterr().out).groups())
     assert (top1, top5) == (pytest.approx(online["knn_top1"], abs=0.005), pytest.approx(online["knn_top5"], abs=0.005))
+    # the same run exported as a timm folder: its model card states what the run did and measured
+    assert cli(["export", str(run_dir), str(tmp_path / "folder"), "--format", "timm"]) == 0
+    card = (tmp_path / "folder" / "README.md").read_text()
+    loss = [r for r in runs.read_metrics(run_dir / "metrics.jsonl") if "loss" in r][-1]["loss"]
+    for line in ("| command | maevit pretrain |", "| data | bundled:train |", "| optimizer steps | 2 |",
+                 "| images seen | 64 |", f"| final training loss | {loss:.4f} |",
+                 f"| kNN top-1 (k=20) on sample:val, bank sample:train, step 2 | {online['knn_top1']:.2f} |",
+                 "probe_train: sample:train"):
+        assert line in card, line
 
 
 def test_an_interrupted_embed_resumes_from_its_parts(mae_file, tmp_path, capsys, monkeypatch):

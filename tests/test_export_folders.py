@@ -131,3 +131,28 @@ def test_export_command_formats_and_refusals(tmp_path, capsys):
     assert "without the MAE decoder" in capsys.readouterr().err
     # the maevit header travels in config.json too
     assert json.loads((out / "config.json").read_text())["maevit"]["model_name"] == "mae_vit_tiny_patch16"
+
+
+def test_a_classifier_exports_with_its_head_and_class_names(tmp_path):
+    """A fine-tuned classifier's folder is a ready timm classifier (label_names, same logits), and
+    `maevit eval` reads the folder back."""
+    from maevit.train.evaluate import load_classifier
+
+    names = [f"class_{c}" for c in "abcde"]
+    clf = create_classifier("mae_vit_tiny_patch16", 5, img_size=32, patch_size=8, depth=1, embed_dim=32,
+                            num_heads=2).eval()
+    with torch.no_grad():
+        clf.head.bias.copy_(torch.randn(5))  # a head that is not all zeros: a dropped head shows
+    src = save_weights(clf.state_dict(), tmp_path / "classifier.safetensors",
+                       header_of(clf, "classifier", class_names=names, mean=[0.5] * 3, std=[0.25] * 3))
+    out = tmp_path / "clf"
+    assert cli(["export", str(src), str(out), "--format", "timm"]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert model.num_classes == 5 and model.pretrained_cfg["label_names"] == names
+    assert tuple(model.pretrained_cfg["mean"]) == (0.5,) * 3  # the classifier's own normalisation
+    again, header = load_classifier(out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), clf(x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(again.eval()(x), clf(x))
+    assert header["class_names"] == names
