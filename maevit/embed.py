@@ -1,5 +1,6 @@
-"""``maevit embed SRC --model MODEL --out FILE``: features of every image of a data source; ``maevit knn``
-scores two such files.
+"""``maevit embed SRC --model MODEL --out FILE``: features of every image of a data source (and ``maevit knn``).
+
+``maevit knn BANK QUERY`` scores two such files.
 
 Any source the toolkit reads (shards, folders, ``sample:val``, ...) is read once in
 order with the evaluation transform (resize + center crop, the model's mean / std),

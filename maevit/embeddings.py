@@ -106,7 +106,7 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            meta = {k: _json_or_text(v) for k, v in (f.metadata() or {}).items()}
             names = set(f.keys())
             if meta.get("format") != FORMAT or "features" not in names:
                 raise EmbeddingFileError(f"{path} is not an embedding file written by `maevit embed` (it holds "
@@ -118,6 +118,13 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
         raise EmbeddingFileError(f"could not read {path} as an embedding file ({type(e).__name__}: {e})") from e
     keys = tensor_to_keys(tensors["keys"]) if "keys" in tensors else []
     return Embeddings(tensors["features"], tensors.get("labels"), keys, meta.get("class_names"), meta)
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:  # other files' metadata (weights files: "format": "pt")
+        return value
 
 
 def concat(parts: Sequence[Embeddings], meta: dict[str, Any] | None = None) -> Embeddings:

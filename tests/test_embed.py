@@ -87,6 +87,8 @@ def test_an_interrupted_embed_resumes_from_its_parts(mae_file, tmp_path, capsys,
     a, b = read_embeddings(ref), read_embeddings(out)
     assert torch.equal(a.features, b.features) and torch.equal(a.labels, b.labels) and a.keys == b.keys
     assert a.class_names == b.class_names and len(a.class_names) == 10
+    assert cli(["knn", str(mae_file), str(out)]) == 2  # weights are not embeddings: said, not a traceback
+    assert "is not an embedding file written by `maevit embed`" in capsys.readouterr().err
 
 
 def test_patch_grids_of_a_hierarchical_family_from_an_unlabeled_folder(tmp_path, capsys):
