@@ -74,6 +74,7 @@ def _embed(args: argparse.Namespace) -> int:
     part_batches = max(1, args.part_size // args.batch_size)
     manifest = {"source": args.src, "model": str(find_weights_file(args.model).resolve()), "tokens": args.tokens,
                 "batch_size": args.batch_size, "part_batches": part_batches, "num_samples": loader.num_samples,
+                "num_workers": args.num_workers,  # which samples a part holds depends on it (StreamLoader.records)
                 "img_size": list(encoder.img_size), "mean": list(prep["mean"]), "std": list(prep["std"])}
     parts_dir = Path(args.out + ".parts")
     done = _finished_parts(parts_dir, manifest)
@@ -94,14 +95,15 @@ def _embed(args: argparse.Namespace) -> int:
             x, y = rec["images"], rec["labels"]
             if len(x):
                 f = features(encoder, x.to(device)).float().cpu()
-                chunk.append(Embeddings(f, y if y.min() >= 0 else None, rec["keys"]))  # unlabeled data: -1
+                chunk.append(Embeddings(f, y if y.min() >= 0 else None, rec["keys"],  # unlabeled data: -1
+                                        order=torch.tensor(rec["order"], dtype=torch.int64)))
             bar.update(min(args.batch_size, loader.num_samples - i * args.batch_size))
             if (i + 1) % part_batches == 0 or i + 1 == len(loader):
                 _write_part(parts_dir, part, chunk, manifest)
                 part, chunk = part + 1, []
     bar.close()
     parts = [read_embeddings(p) for p in sorted(parts_dir.glob(f"{PART_PREFIX}*.safetensors"))]
-    emb = concat(parts, meta)
+    emb = concat(parts, meta).sorted()  # source order, whatever the number of loader workers
     emb.class_names = loader.class_names
     emb.meta["skipped"] = {k: v for k, v in loader.stats().items() if v}
     out = write_embeddings(emb, args.out)

@@ -41,6 +41,15 @@ class Embeddings:
     keys: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    order: torch.Tensor | None = None  # [N] int64: sorts the rows into source order (parts of `maevit embed`)
+
+    def sorted(self) -> "Embeddings":
+        """The rows in source order (``order`` dropped)."""
+        if self.order is None:
+            return self
+        idx = torch.argsort(self.order)
+        return Embeddings(self.features[idx], None if self.labels is None else self.labels[idx],
+                          [self.keys[i] for i in idx.tolist()] if self.keys else [], self.class_names, self.meta)
 
 
 def keys_to_tensor(keys: Sequence[str]) -> torch.Tensor:
@@ -69,6 +78,8 @@ def write_embeddings(emb: Embeddings, path: str | os.PathLike) -> Path:
         tensors = {"features": emb.features.float(), "keys": keys_to_tensor(emb.keys)}
         if emb.labels is not None:
             tensors["labels"] = emb.labels.long()
+        if emb.order is not None:
+            tensors["order"] = emb.order.long()
         return save_safetensors_atomic(tensors, path, {k: json.dumps(v) for k, v in meta.items()})
     if path.suffix != ".npy":
         raise EmbeddingFileError(f"{path}: embeddings are written as .safetensors or .npy")
@@ -117,7 +128,8 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
     except Exception as e:  # SafetensorError, OSError, JSONDecodeError
         raise EmbeddingFileError(f"could not read {path} as an embedding file ({type(e).__name__}: {e})") from e
     keys = tensor_to_keys(tensors["keys"]) if "keys" in tensors else []
-    return Embeddings(tensors["features"], tensors.get("labels"), keys, meta.get("class_names"), meta)
+    return Embeddings(tensors["features"], tensors.get("labels"), keys, meta.get("class_names"), meta,
+                      tensors.get("order"))
 
 
 def _json_or_text(value: str) -> Any:
@@ -132,7 +144,8 @@ def concat(parts: Sequence[Embeddings], meta: dict[str, Any] | None = None) -> E
     parts = [p for p in parts if len(p.features)] or list(parts[:1])  # empty parts: all samples unreadable
     if not parts:
         raise EmbeddingFileError("no embeddings to join")
-    labels = [p.labels for p in parts]
+    labels, order = [p.labels for p in parts], [p.order for p in parts]
     return Embeddings(torch.cat([p.features for p in parts]),
                       torch.cat(labels) if all(x is not None for x in labels) else None,
-                      [k for p in parts for k in p.keys], parts[0].class_names, dict(meta or parts[0].meta))
+                      [k for p in parts for k in p.keys], parts[0].class_names, dict(meta or parts[0].meta),
+                      torch.cat(order) if all(x is not None for x in order) else None)

@@ -87,6 +87,12 @@ def test_an_interrupted_embed_resumes_from_its_parts(mae_file, tmp_path, capsys,
     a, b = read_embeddings(ref), read_embeddings(out)
     assert torch.equal(a.features, b.features) and torch.equal(a.labels, b.labels) and a.keys == b.keys
     assert a.class_names == b.class_names and len(a.class_names) == 10
+    # loader workers read interleaved stretches of the source: the file is in source order all the same
+    workers = tmp_path / "workers.safetensors"
+    assert cli(["embed", "sample:val", "--out", str(workers), *args[:-1], "2"]) == 0
+    c = read_embeddings(workers)
+    assert c.keys == a.keys and torch.equal(c.labels, a.labels)
+    torch.testing.assert_close(c.features, a.features, atol=1e-5, rtol=1e-5)
     assert cli(["knn", str(mae_file), str(out)]) == 2  # weights are not embeddings: said, not a traceback
     assert "is not an embedding file written by `maevit embed`" in capsys.readouterr().err
 

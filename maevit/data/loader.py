@@ -125,10 +125,12 @@ class StreamLoader:
             yield (item["images"], item["labels"]) if labeled else item["images"]
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """Every batch of the epoch as ``{"images", "labels", "keys"}``, in order, including batches left
-        empty by unreadable samples (so a caller can count batches: ``maevit embed`` writes parts of a
-        fixed number of batches). ``keys``: the samples' keys in eval mode (``eval_loader``), else empty.
-        Labels are -1 for unlabeled data."""
+        """Every batch of the epoch as ``{"images", "labels", "keys", "order"}``, in order, including batches
+        left empty by unreadable samples (so a caller can count batches: ``maevit embed`` writes parts of a
+        fixed number of batches). Labels are -1 for unlabeled data. In eval mode (``eval_loader``), ``keys``
+        are the samples' keys and ``order`` ints that sort them into source order: with loader workers,
+        batch b comes from worker b % W, which reads its own contiguous stretch of the source, so batches
+        arrive interleaved (empty lists in other modes)."""
         spec = replace(self._spec)  # snapshot: set_epoch during iteration affects the next one only
         self._spec.start_batch = 0  # skip_batches applies to one iteration
         self._position = spec.start_batch
