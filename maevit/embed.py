@@ -67,7 +67,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = create_classifier(None, 0, pretrained=args.model, global_pool=None).eval().to(device)
-    prep = preprocessing_of(args.model, encoder)
+    prep = preprocessing_of(args.model)
     loader = eval_loader(args.src, img_size=encoder.img_size, batch_size=args.batch_size, num_workers=args.num_workers,
                          mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"],
                          crop_pct=prep["crop_pct"])
@@ -86,7 +86,8 @@ def _embed(args: argparse.Namespace) -> int:
         print(f"resuming: {done} of {n_parts} parts already in {parts_dir}", file=sys.stderr)
     loader.skip_batches(done * part_batches)
     start = done * part_batches  # batches already embedded: skipped without decoding
-    bar = progress_bar(True, total=loader.num_samples, initial=min(loader.num_samples, start * args.batch_size),
+    live = sys.stderr.isatty()  # a bar on a terminal; in a log file, one line per part written instead
+    bar = progress_bar(live, total=loader.num_samples, initial=min(loader.num_samples, start * args.batch_size),
                        unit="img", desc="embedding")
     chunk: list[Embeddings] = []
     part = done
@@ -100,6 +101,10 @@ def _embed(args: argparse.Namespace) -> int:
             bar.update(min(args.batch_size, loader.num_samples - i * args.batch_size))
             if (i + 1) % part_batches == 0 or i + 1 == len(loader):
                 _write_part(parts_dir, part, chunk, manifest)
+                if not live:
+                    seen = min(loader.num_samples, (i + 1) * args.batch_size)
+                    print(f"embedding: part {part + 1}/{n_parts} written ({seen}/{loader.num_samples} images)",
+                          file=sys.stderr, flush=True)
                 part, chunk = part + 1, []
     bar.close()
     parts = [read_embeddings(p) for p in sorted(parts_dir.glob(f"{PART_PREFIX}*.safetensors"))]

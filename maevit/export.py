@@ -84,7 +84,7 @@ def _export_timm(src: str, out: str, model: str | None, kw: dict[str, Any]) -> i
     else:
         net = create_classifier(model, 0, pretrained=src, global_pool=None, **kw)
         what = "encoder"
-    prep = preprocessing_of(src, net)
+    prep = preprocessing_of(src)
     line = timm_folder_line(out)
     folder = write_timm_folder(net, out, preprocessing=prep, class_names=classes,
                                card=lambda h: _card(h, src, "timm", f"import timm\nmodel = {line}", prep))
@@ -98,15 +98,16 @@ def _export_hf(src: str, out: str, model: str | None, kw: dict[str, Any]) -> int
     from maevit.export_folder import hf_folder_line, write_hf_folder
     from maevit.models import create_mae, read_header
 
-    if read_header(src).get("kind") in ("encoder", "classifier"):
+    kind = read_header(src).get("kind")
+    if kind in ("encoder", "classifier"):
         from maevit.export_folder import ExportFormatError
 
         raise ExportFormatError(
-            f"{src} holds an encoder{' with a classifier head' if read_header(src)['kind'] == 'classifier' else ''} "
-            "without the MAE decoder; `--format hf` writes a full ViTMAEForPreTraining: pass the pretraining run "
-            "directory or one of its checkpoints")
+            f"{src} holds an encoder{' with a classifier head' if kind == 'classifier' else ''} without the MAE "
+            "decoder; `--format hf` writes a full ViTMAEForPreTraining: pass the pretraining run directory or one "
+            "of its checkpoints")
     mae = create_mae(model, checkpoint=src, **kw).eval()
-    prep = preprocessing_of(src, mae)
+    prep = preprocessing_of(src)
     line = hf_folder_line(out)
     folder = write_hf_folder(mae, out, preprocessing=prep,
                              card=lambda h: _card(h, src, "transformers", f"import transformers\nmodel = {line}", prep))
@@ -118,25 +119,17 @@ def _export_hf(src: str, out: str, model: str | None, kw: dict[str, Any]) -> int
 _EXPORTS = {"safetensors": _export_file, "timm": _export_timm, "hf": _export_hf}
 
 
-def preprocessing_of(src: str, model: Any) -> dict[str, Any]:
+def preprocessing_of(src: str) -> dict[str, Any]:
     """Mean / std (the file's header, else its run's ``data.mean`` / ``data.std``, else ImageNet's),
     interpolation and crop_pct of maevit's evaluation transform (timm's defaults: bicubic, 0.875)."""
-    import yaml
     from timm.data import DEFAULT_CROP_PCT
 
-    from maevit.models import read_header
-    from maevit.models.weights import find_weights_file
-    from maevit.train.runs import RunDir, run_root_of
+    from maevit.train.file_defaults import recorded_inputs
     from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD
 
-    header = read_header(src)
-    mean, std = header.get("mean"), header.get("std")
-    run = run_root_of(find_weights_file(src))
-    if (mean is None or std is None) and run is not None:
-        data = (yaml.safe_load(RunDir(run).config_path.read_text()) or {}).get("data") or {}
-        mean, std = data.get("mean"), data.get("std")
-    return {"mean": tuple(mean or IMAGENET_MEAN), "std": tuple(std or IMAGENET_STD), "interpolation": "bicubic",
-            "crop_pct": DEFAULT_CROP_PCT}
+    found = recorded_inputs(src)
+    return {"mean": tuple(found["mean"] or IMAGENET_MEAN), "std": tuple(found["std"] or IMAGENET_STD),
+            "interpolation": "bicubic", "crop_pct": DEFAULT_CROP_PCT}
 
 
 def _card(header: dict, src: str, library: str, code: str, prep: dict) -> str:

@@ -39,8 +39,9 @@ def test_embedded_knn_equals_the_online_probe(tmp_path, capsys):
     online = [r for r in runs.read_metrics(run_dir / "metrics.jsonl") if "knn_top1" in r][-1]
     assert online["step"] == 2
     for split in ("train", "val"):
-        assert cli(["embed", f"sample:{split}", "--model", str(run_dir), "--out", str(tmp_path / f"{split}.safetensors"),
-                    "--batch-size", "32", "--num-workers", "0"]) == 0
+        out = tmp_path / f"{split}.safetensors"
+        assert cli(["embed", f"sample:{split}", "--model", str(run_dir), "--out", str(out), "--batch-size", "32",
+                    "--num-workers", "0"]) == 0
     val = read_embeddings(tmp_path / "val.safetensors")
     assert val.features.shape == (1000, 32) and val.labels.shape == (1000,) and len(set(val.keys)) == 1000
     capsys.readouterr()
@@ -108,7 +109,8 @@ def test_patch_grids_of_a_hierarchical_family_from_an_unlabeled_folder(tmp_path,
     for i in range(3):
         Image.fromarray(torch.randint(0, 255, (40 + i, 50, 3), dtype=torch.uint8).numpy()).save(folder / f"img{i}.png")
     out = tmp_path / "grid.npy"
-    assert cli(["embed", str(folder), "--model", str(weights), "--out", str(out), "--tokens", "--num-workers", "0"]) == 0
+    assert cli(["embed", str(folder), "--model", str(weights), "--out", str(out), "--tokens",
+                "--num-workers", "0"]) == 0
     emb = read_embeddings(out)
     h, w = enc.img_size
     assert emb.labels is None and sorted(emb.keys) == ["img0", "img1", "img2"]
