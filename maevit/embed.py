@@ -90,7 +90,7 @@ def _embed(args: argparse.Namespace) -> int:
     bar = progress_bar(live, total=loader.num_samples, initial=min(loader.num_samples, start * args.batch_size),
                        unit="img", desc="embedding")
     chunk: list[Embeddings] = []
-    part = done
+    part, counted = done, loader.stats()
     with torch.no_grad():
         for i, rec in enumerate(loader.records(), start=start):
             x, y = rec["images"], rec["labels"]
@@ -100,7 +100,9 @@ def _embed(args: argparse.Namespace) -> int:
                                         order=torch.tensor(rec["order"], dtype=torch.int64)))
             bar.update(min(args.batch_size, loader.num_samples - i * args.batch_size))
             if (i + 1) % part_batches == 0 or i + 1 == len(loader):
-                _write_part(parts_dir, part, chunk, manifest)
+                now = loader.stats()  # samples this part lost, kept with it: a resumed run still reports them
+                _write_part(parts_dir, part, chunk, manifest, {k: now[k] - counted[k] for k in now})
+                counted = now
                 if not live:
                     seen = min(loader.num_samples, (i + 1) * args.batch_size)
                     print(f"embedding: part {part + 1}/{n_parts} written ({seen}/{loader.num_samples} images)",
@@ -110,18 +112,22 @@ def _embed(args: argparse.Namespace) -> int:
     parts = [read_embeddings(p) for p in sorted(parts_dir.glob(f"{PART_PREFIX}*.safetensors"))]
     emb = concat(parts, meta).sorted()  # source order, whatever the number of loader workers
     emb.class_names = loader.class_names
-    emb.meta["skipped"] = {k: v for k, v in loader.stats().items() if v}
+    lost: dict[str, int] = {}
+    for p in parts:
+        for k, v in (p.meta.get("skipped") or {}).items():
+            lost[k] = lost.get(k, 0) + v
+    emb.meta["skipped"] = {k: v for k, v in lost.items() if v}
     out = write_embeddings(emb, args.out)
     shutil.rmtree(parts_dir, ignore_errors=True)
     shape = "x".join(map(str, emb.features.shape[1:]))
     extras = ", ".join(x for x in ("labels" if emb.labels is not None else "", "keys" if emb.keys else "") if x)
-    skipped = sum(loader.stats().values())
+    skipped = sum(lost.values())
     print(f"wrote {out}: {len(emb.features)} images -> {emb.meta['pooling']} features {shape}"
           + (f", with {extras}" if extras else "") + (f"; {skipped} unreadable samples skipped" if skipped else ""))
     return 0
 
 
-def _write_part(parts_dir: Path, part: int, chunk: list, manifest: dict) -> None:
+def _write_part(parts_dir: Path, part: int, chunk: list, manifest: dict, skipped: dict[str, int]) -> None:
     import torch
 
     from maevit.embeddings import Embeddings, concat, write_embeddings
@@ -132,6 +138,7 @@ def _write_part(parts_dir: Path, part: int, chunk: list, manifest: dict) -> None
         write_text_atomic(parts_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     # every sample of a part unreadable: an empty part still counts (concat leaves it out)
     emb = concat(chunk, {}) if chunk else Embeddings(torch.zeros(0, 0))
+    emb.meta = {"skipped": skipped}
     write_embeddings(emb, parts_dir / f"{PART_PREFIX}{part:06d}.safetensors")
 
 

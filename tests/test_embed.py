@@ -70,10 +70,10 @@ def test_an_interrupted_embed_resumes_from_its_parts(mae_file, tmp_path, capsys,
     written = []
     real = embed._write_part
 
-    def stop_after_two(parts_dir, part, chunk, manifest):
+    def stop_after_two(parts_dir, part, chunk, manifest, skipped):
         if len(written) == 2:
             raise KeyboardInterrupt  # Ctrl-C while the third part is being computed
-        real(parts_dir, part, chunk, manifest)
+        real(parts_dir, part, chunk, manifest, skipped)
         written.append(part)
 
     monkeypatch.setattr(embed, "_write_part", stop_after_two)
@@ -108,12 +108,14 @@ def test_patch_grids_of_a_hierarchical_family_from_an_unlabeled_folder(tmp_path,
     folder.mkdir()
     for i in range(3):
         Image.fromarray(torch.randint(0, 255, (40 + i, 50, 3), dtype=torch.uint8).numpy()).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")  # counted and left out, never fatal
     out = tmp_path / "grid.npy"
     assert cli(["embed", str(folder), "--model", str(weights), "--out", str(out), "--tokens",
                 "--num-workers", "0"]) == 0
+    assert "1 unreadable samples skipped" in capsys.readouterr().out
     emb = read_embeddings(out)
     h, w = enc.img_size
-    assert emb.labels is None and sorted(emb.keys) == ["img0", "img1", "img2"]
+    assert emb.labels is None and emb.keys == ["img0", "img1", "img2"] and emb.meta["skipped"] == {"corrupt_image": 1}
     assert emb.features.shape[0] == 3 and emb.features.shape[-1] == enc.num_features
     assert emb.features.shape[1:3] == patch_features(enc, torch.zeros(1, 3, h, w)).shape[1:3]
     assert cli(["knn", str(out), str(out)]) == 2  # no labels (and grids): said, not a wrong number
