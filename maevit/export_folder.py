@@ -3,7 +3,7 @@
 ``maevit export SRC OUT_DIR --format timm`` writes what ``timm.create_model("local-dir:OUT_DIR",
 pretrained=True)`` (and, once uploaded with ``huggingface_hub.upload_folder``, ``hf-hub:USER/NAME``)
 reads: ``config.json`` in timm's format, ``model.safetensors`` and a ``README.md`` model card.
-The config is written by timm itself (``timm.models._hub.save_config_for_hf``) from the timm
+The folder is written by timm itself (``timm.models.save_for_hf``) from the timm
 twin of the encoder, built and loaded strictly here first, so the folder is what timm would
 have written for the same weights. ``--format hf`` writes a ``transformers``
 ``ViTMAEForPreTraining`` folder with ``save_pretrained`` (the weights converted by
@@ -65,7 +65,6 @@ def write_timm_folder(model: nn.Module, out_dir: str | os.PathLike, *, preproces
         ExportFormatError: the family (or an option of it) has no timm architecture.
     """
     import timm
-    from timm.models._hub import save_config_for_hf
 
     norm = {"mean": list(preprocessing["mean"]), "std": list(preprocessing["std"])}
     if class_names is None:
@@ -86,15 +85,18 @@ def write_timm_folder(model: nn.Module, out_dir: str | os.PathLike, *, preproces
     data_config = {"input_size": (enc.in_chans, *enc.img_size), **preprocessing}
 
     def fill(tmp: Path) -> None:
-        tmp.mkdir()
         labels = {} if class_names is None else {"label_names": list(class_names)}
-        save_config_for_hf(twin, str(tmp / FOLDER_CONFIG), model_config={FOLDER_HEADER_KEY: header, **labels},
-                           data_config=data_config)
+        try:
+            timm.models.save_for_hf(twin, str(tmp), model_config={FOLDER_HEADER_KEY: header, **labels},
+                                    safe_serialization=True, data_config=data_config)
+        except TypeError as e:  # older timm: no save_for_hf(data_config=...) (nor `local-dir:` loading)
+            raise ExportFormatError(f"`--format timm` needs a newer timm than {timm.__version__} (tested with "
+                                    f"1.0.31): pip install -U timm ({e})") from e
         config = json.loads((tmp / FOLDER_CONFIG).read_text())
         for key in _SOURCE_FIELDS:
             config["pretrained_cfg"].pop(key, None)
         (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_weights(sd, tmp / WEIGHTS_FILE, header)  # the header also in the file: it can travel alone
+        save_weights(sd, tmp / WEIGHTS_FILE, header)  # timm's tensors again, with the header: the file can travel alone
         (tmp / CARD_FILE).write_text(card(header))
 
     return replace_folder(out_dir, fill)
