@@ -98,10 +98,15 @@ def _export_hf(src: str, out: str, model: str | None, kw: dict[str, Any]) -> int
     from maevit.export_folder import hf_folder_line, write_hf_folder
     from maevit.models import create_mae, read_header
 
+    import importlib.util
+
+    from maevit.export_folder import ExportFormatError
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ExportFormatError("`--format hf` writes the folder with Hugging Face transformers, which is not "
+                                "installed: pip install transformers")
     kind = read_header(src).get("kind")
     if kind in ("encoder", "classifier"):
-        from maevit.export_folder import ExportFormatError
-
         raise ExportFormatError(
             f"{src} holds an encoder{' with a classifier head' if kind == 'classifier' else ''} without the MAE "
             "decoder; `--format hf` writes a full ViTMAEForPreTraining: pass the pretraining run directory or one "
