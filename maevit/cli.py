@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("maevit.export:main", "export encoder weights with their architecture (timm-loadable where timm can)"),
     "demo": ("maevit.demo:main", "MAE-pretrained vs from scratch on the shipped photos, in minutes"),
     "models": ("maevit.cli:main_models", "list registered models"),
+    "embed": ("maevit.embed:main", "features of every image of a data source (pooled or the patch grid), resumable"),
+    "knn": ("maevit.embed:main_knn", "kNN top-1 / top-5 of query embeddings against a labeled bank"),
 }
 
 

@@ -30,3 +30,4 @@ ENCODER_FILE = "encoder.safetensors"  # maevit pretrain
 CLASSIFIER_FILE = "classifier.safetensors"  # maevit finetune
 CLASSIFIER_EMA_FILE = "classifier_ema.safetensors"  # maevit finetune with run.ema
 PROBE_HEAD_FILE = "probe_head.safetensors"  # maevit probe
+EVAL_FILE = "eval.json"  # maevit eval: top-1 / top-5, per class, confusion (beside the classifier by default)

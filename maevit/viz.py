@@ -1,4 +1,5 @@
-"""Reconstruction grids (the command, ``maevit visualize``, is :mod:`maevit.visualize`).
+"""Reconstruction grids and PCA maps of patch features (the command, ``maevit visualize``, is
+:mod:`maevit.visualize`).
 
 One row per image: original | masked input | reconstruction | reconstruction
 with the visible patches pasted back. With ``norm_pix_loss`` the model predicts
@@ -133,6 +134,30 @@ def save_reconstruction_grid(
             saying how the normalised predictions were turned back into colours.
     """
     panels = reconstruction_panels(model, imgs, noise=noise, seed=seed, mean=mean, std=std)  # [B, 4, C, H, W]
+    ratio = getattr(model, "mask_ratio", None)
+    names = list(COLUMN_TITLES)
+    if ratio is not None:
+        names[1] = f"masked ({ratio:.0%})"
+    note = None
+    if getattr(model, "norm_pix_loss", False):
+        note = ("Targets are norm-pix (each patch normalised to mean 0, std 1): every predicted "
+                "patch is shown with the true patch's mean and std put back, so its average colour "
+                "comes from the original.")
+    return save_panel_grid(panels, path, names if titles else None, note, min_size=min_size)
+
+
+def save_panel_grid(panels: torch.Tensor, path: str | Path, titles: Sequence[str] | None, note: str | None = None,
+                    *, min_size: int = 128) -> Path:
+    """Write ``panels`` ``[B, n, C, H, W]`` (in [0, 1]) as one PNG: a row per image, a titled column per panel.
+
+    Args:
+        panels: what to show; 1-channel panels are shown grey, more than 3 channels by their first three.
+        path: the PNG (parent folders are created; written atomically with titles).
+        titles: one per column, or None for the bare grid.
+        note: a line of text under the grid.
+        min_size: panels smaller than this many pixels are upscaled by a whole factor
+            (nearest neighbour, so pixels and patch edges stay sharp); 0 keeps the input size.
+    """
     b, n, c, h, w = panels.shape
     factor = max(1, -(-min_size // min(h, w))) if min_size else 1  # ceil: at least min_size
     flat = panels.flatten(0, 1).float().cpu()  # [B*4, C, H, W]
@@ -149,15 +174,81 @@ def save_reconstruction_grid(
     if not titles:
         save_image(grid, path)
         return path
-    ratio = getattr(model, "mask_ratio", None)
-    names = list(COLUMN_TITLES)
-    if ratio is not None:
-        names[1] = f"masked ({ratio:.0%})"
-    note = None
-    if getattr(model, "norm_pix_loss", False):
-        note = ("Targets are norm-pix (each patch normalised to mean 0, std 1): every predicted "
-                "patch is shown with the true patch's mean and std put back, so its average colour "
-                "comes from the original.")
     from maevit.fileio import save_image_atomic
 
-    return save_image_atomic(_annotate(grid, names, w * factor, pad, note), path)
+    return save_image_atomic(_annotate(grid, titles, w * factor, pad, note), path)
+
+
+def _oriented_pca(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` principal components of the rows of ``x`` ``[N, D]`` projected: ``[N, k]`` (zeros
+    where there are fewer). SVD signs are arbitrary: each component is turned so that its largest loading
+    is positive, so the same features always give the same colours."""
+    x = x - x.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh: [min(N, D), D]
+    vh = vh[:k]
+    vh = vh * torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True)))
+    out = x @ vh.T  # [N, <=k]
+    return torch.nn.functional.pad(out, (0, k - out.shape[1]))
+
+
+def feature_pca_maps(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DINOv2-style pictures of patch features ``[B, h, w, D]`` (one PCA over all the images' patches).
+
+    The first component separates foreground from background: scaled to [0, 1] and turned so that
+    the border patches (background, mostly) are low; patches above 0.5 are the foreground. A second
+    PCA over the foreground patches gives three components, scaled to [0, 1] as red, green, blue;
+    background patches are black.
+
+    Returns:
+        ``(first [B, h, w] in [0, 1], foreground [B, h, w] bool, rgb [B, 3, h, w] in [0, 1])``.
+    """
+    b, h, w, d = grid.shape
+    x = grid.reshape(-1, d).double()  # [B*h*w, D]
+    first = _oriented_pca(x, 1)[:, 0].reshape(b, h, w)
+    first = (first - first.min()) / (first.max() - first.min()).clamp_min(1e-12)
+    border = torch.ones(h, w, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    if h > 2 and w > 2 and first[:, border].mean() > first[:, ~border].mean():
+        first = 1 - first
+    fg = first > 0.5
+    if fg.sum() < 2:  # nothing stands out: colour every patch
+        fg = torch.ones_like(fg)
+    comps = _oriented_pca(x[fg.reshape(-1)], 3)  # [F, 3]
+    lo, hi = comps.min(0).values, comps.max(0).values
+    rgb = torch.zeros(b * h * w, 3, dtype=torch.float64)
+    rgb[fg.reshape(-1)] = (comps - lo) / (hi - lo).clamp_min(1e-12)
+    return first.float(), fg, rgb.reshape(b, h, w, 3).permute(0, 3, 1, 2).float()
+
+
+FEATURE_TITLES = ("original", "1st component", "foreground", "PCA of foreground")
+
+
+@torch.no_grad()
+def save_feature_pca_grid(
+    encoder: nn.Module,
+    imgs: torch.Tensor,
+    path: str | Path,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    min_size: int = 128,
+) -> Path:
+    """Write one PNG: per image, the original | first component | foreground | RGB of three components
+    (:func:`feature_pca_maps` of the encoder's last feature map, upsampled to the image)."""
+    from maevit.train.knn import patch_features
+
+    was = encoder.training
+    grid = patch_features(encoder.eval(), imgs).float().cpu()  # [B, h, w, D]
+    encoder.train(was)
+    first, fg, rgb = feature_pca_maps(grid)
+    size = imgs.shape[-2:]
+    up = lambda m: torch.nn.functional.interpolate(m, size=size, mode="nearest")  # noqa: E731
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    original = (imgs.float().cpu()[:, :3] * s + m).clamp(0, 1)
+    panels = [original, up(first[:, None]).expand(-1, 3, -1, -1), up(fg[:, None].float()).expand(-1, 3, -1, -1),
+              up(rgb)]
+    h, w = grid.shape[1:3]
+    note = (f"PCA of the {h}x{w} grid of {grid.shape[-1]}-d features over all {len(imgs)} images; foreground = "
+            "first component above half its range (turned so the border is low); colours = the foreground's "
+            "first three components.")
+    return save_panel_grid(torch.stack(panels, 1), path, FEATURE_TITLES, note, min_size=min_size)

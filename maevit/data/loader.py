@@ -118,6 +118,19 @@ class StreamLoader:
         ))
 
     def __iter__(self) -> Iterator[Any]:
+        labeled = self._spec.labeled
+        for item in self.records():
+            if len(item["images"]) == 0:
+                continue
+            yield (item["images"], item["labels"]) if labeled else item["images"]
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every batch of the epoch as ``{"images", "labels", "keys", "order"}``, in order, including batches
+        left empty by unreadable samples (so a caller can count batches: ``maevit embed`` writes parts of a
+        fixed number of batches). Labels are -1 for unlabeled data. In eval mode (``eval_loader``), ``keys``
+        are the samples' keys and ``order`` ints that sort them into source order: with loader workers,
+        batch b comes from worker b % W, which reads its own contiguous stretch of the source, so batches
+        arrive interleaved (empty lists in other modes)."""
         spec = replace(self._spec)  # snapshot: set_epoch during iteration affects the next one only
         self._spec.start_batch = 0  # skip_batches applies to one iteration
         self._position = spec.start_batch
@@ -126,10 +139,8 @@ class StreamLoader:
             for k, v in item["skipped"].items():
                 self._skipped[k] += v
             self._position += 1
-            if len(item["images"]) == 0:
-                continue
-            yielded += 1
-            yield (item["images"], item["labels"]) if spec.labeled else item["images"]
+            yielded += len(item["images"]) > 0
+            yield item
         if yielded == 0 and spec.start_batch == 0 and batches_per_rank(spec) > 0:
             # a whole pass without one sample: another pass would find the same (and loop forever)
             kinds = {k: self._skipped[k] - before.get(k, 0) for k in self._skipped}
@@ -222,6 +233,35 @@ def pretrain_loader(
         tuple(mean), tuple(std), max_pixels=max_pixels,
     )
     return StreamLoader(spec, src, pin_memory=pin_memory)
+
+
+def eval_loader(
+    source: Any,
+    *,
+    img_size: int | Sequence[int],
+    batch_size: int,
+    num_workers: int = 2,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    interpolation: str = "bicubic",
+    crop_pct: float | None = None,
+    allow_pipe: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> StreamLoader:
+    """Every sample once, in source order, with the evaluation transform of `labeled_loader(train=False)`;
+    labeled or not (labels -1 when the source has none). `records()` adds each sample's key.
+
+    For commands that read a whole source as it is (``maevit embed``); unreadable samples are dropped
+    and counted, as in evaluation.
+    """
+    _check_rank(0, 1, batch_size, num_workers)
+    src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
+    labeled = src.class_names is not None or (not src.indexed and any(u.kind == "tar" for u in src.units)
+                                              and _first_tar_has_labels(src))
+    tf = labeled_transform(img_size, False, mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
+    spec = _Spec(src.units, batch_size, 0, 0, 1, num_workers, "eval", False, 0, None, labeled, tf, tuple(mean),
+                 tuple(std), max_pixels=max_pixels)
+    return StreamLoader(spec, src)
 
 
 def labeled_loader(

@@ -277,7 +277,12 @@ class _StreamDataset(IterableDataset):
             else:
                 x = torch.stack([imgs[i] for i in good])  # [B, 3, H, W], normalized by the transform
             y = torch.tensor([labels[i] for i in good], dtype=torch.int64)  # [B]
-        return {"images": x, "labels": y, "worker": lw, "skipped": errors.take_pending()}
+        keys, order = [], []
+        if s.mode == "eval":  # each sample's key, and where it comes in source order (see StreamLoader.records)
+            keys = [str(raw[i].get("__key__", "")) for i in good]
+            order = [(lw << 40) + slot0 + i for i in good]
+        return {"images": x, "labels": y, "keys": keys, "order": order, "worker": lw,
+                "skipped": errors.take_pending()}
 
 
 def select_fraction(source: Source, fraction: float, seed: int) -> Source:

@@ -67,13 +67,14 @@ replacement from `(seed, epoch, rank, worker)`, infinitely; an epoch is
 Evaluation (`labeled_loader(train=False)`): no shuffle, no wrap, no padding:
 rank r takes samples `[r*T//world, (r+1)*T//world)` in source order; every
 sample is yielded exactly once across ranks; ranks may differ by one batch.
+`eval_loader` is the same for any source, labeled or not, with each sample's key.
 
 Do not pass a `StreamLoader` to `accelerate.Accelerator.prepare()`: it is
 already split by rank and Accelerate would re-shard or broadcast it.
 """
 from __future__ import annotations
 
-from .loader import StreamLoader, labeled_loader, pretrain_loader
+from .loader import StreamLoader, eval_loader, labeled_loader, pretrain_loader
 from .sources import (
     INCOMPLETE_NAME,
     INDEX_NAME,
@@ -95,5 +96,5 @@ from .tars import TransformError
 __all__ = [
     "INCOMPLETE_NAME", "INDEX_NAME", "STAT_KEYS", "DataSourceError", "DataSourceNotFoundError", "IncompleteDatasetError",
     "Source", "StreamLoader", "TransformError", "Unit", "batches_per_rank", "check_complete", "count_tar_samples",
-    "folder_source", "labeled_loader", "pretrain_loader", "read_index", "resolve_source", "select_fraction",
+    "eval_loader", "folder_source", "labeled_loader", "pretrain_loader", "read_index", "resolve_source", "select_fraction",
 ]

@@ -18,8 +18,9 @@ Family-specific names (a timm DeiT's distillation token, Hugging Face CvT, ...) 
 mapped by each family's ``checkpoint_filter``, which also resizes position
 tables to the model's grid.
 
-Every file the toolkit writes carries a header (safetensors metadata, or
-``trainer_state.json["model"]`` beside a training checkpoint): ``kind``
+Every file the toolkit writes carries a header (safetensors metadata,
+``trainer_state.json["model"]`` beside a training checkpoint, or the ``maevit``
+key of ``config.json`` in a model folder written by ``maevit export``): ``kind``
 (encoder / mae / classifier), ``model_name`` and ``build_args`` (enough to
 rebuild the exact architecture), and for classifiers the classes, pooling and
 input normalisation.
@@ -50,6 +51,8 @@ FORMAT = "maevit"
 FORMAT_VERSION = "2"
 FORMATS = ("maevit_mae", "encoder", "mae_published", "hf_vitmae")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+FOLDER_CONFIG = "config.json"  # a model folder's configuration (timm's and Hugging Face's name)
+FOLDER_HEADER_KEY = "maevit"  # the key of config.json that holds the maevit header
 
 
 # --------------------------------------------------------------------------- locating
@@ -66,7 +69,9 @@ def find_weights_file(path: str | os.PathLike) -> Path:
     3. model files in the directory itself: ``model.safetensors``, other
        ``*.safetensors`` (sorted) except ``encoder.safetensors``, then
        ``pytorch_model.bin`` / ``model.pth`` / ``model.pt`` / other ``.pth`` ``.pt``
-       ``.bin`` (training-state files such as ``optimizer.bin`` are skipped);
+       ``.bin`` (training-state files such as ``optimizer.bin`` are skipped): this is
+       also how model folders (timm's / Hugging Face's ``model.safetensors`` beside
+       ``config.json``) are read;
     4. ``encoder.safetensors`` (encoder-only: an MAE's decoder stays as initialised).
 
     Raises:
@@ -261,9 +266,10 @@ def read_header(src: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, 
             model = None
         if isinstance(model, dict):
             return model
+    folder = _folder_header(path)
     if path.suffix != ".safetensors":
         _check_torch_file(path)  # a text file or a truncated download: say so before asking for a model name
-        return {}
+        return folder
     from safetensors import safe_open
 
     try:
@@ -276,7 +282,25 @@ def read_header(src: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, 
         return {k: v for k, v in meta.items() if k not in ("format", "format_version")}
     if meta.get("format") == "maevit-encoder" or "arch" in meta:
         return _v1_header(meta)
-    return {}
+    return folder
+
+
+def _folder_header(weights: Path) -> dict[str, Any]:
+    """The header kept in ``config.json`` beside ``weights`` (key :data:`FOLDER_HEADER_KEY`), or empty.
+
+    Model folders (``maevit export --format timm|hf``) hold weights whose file the
+    writing library owns (``save_pretrained`` writes its own safetensors metadata), so the
+    header travels in the folder's ``config.json``, which timm and transformers both
+    read without minding an extra key.
+    """
+    config = weights.parent / FOLDER_CONFIG
+    if not config.is_file():
+        return {}
+    try:
+        found = json.loads(config.read_text()).get(FOLDER_HEADER_KEY)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return {}
+    return dict(found) if isinstance(found, dict) else {}
 
 
 # --------------------------------------------------------------------------- layouts
@@ -600,6 +624,14 @@ def export_encoder(model: nn.Module, path: str | os.PathLike, state_dict: Mappin
         state_dict: the weights to write (default ``model``'s; pass a gathered
             state dict under FSDP).
     """
+    sd, header = encoder_export(model, state_dict, **extra)
+    return save_weights(sd, path, header)
+
+
+def encoder_export(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None,
+                   **extra: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(weights, header)`` of the encoder of ``model`` without its classification layer: what
+    :func:`export_encoder` writes, and what model folders (:mod:`maevit.export_folder`) hold."""
     encoder = getattr(model, "encoder", model)
     if state_dict is None:
         state_dict = encoder.state_dict()
@@ -611,4 +643,4 @@ def export_encoder(model: nn.Module, path: str | os.PathLike, state_dict: Mappin
     header = header_of(encoder, "encoder", **extra)
     if header.get("timm_kwargs"):
         header["timm_kwargs"] = {**header["timm_kwargs"], "num_classes": 0}
-    return save_weights(sd, path, header)
+    return sd, header

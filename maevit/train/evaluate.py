@@ -18,6 +18,7 @@ from torch import nn
 
 from maevit.fileio import save_image_atomic, write_text_atomic
 from maevit.models.contract import extra_heads
+from maevit.runlayout import EVAL_FILE
 from maevit.train.runs import RunDir
 
 
@@ -293,11 +294,11 @@ def main_eval(argv: list[str] | None = None) -> int:
         out_dir = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent)
         out_dir.mkdir(parents=True, exist_ok=True)
         png = save_confusion_png(res.confusion, out_dir / "confusion.png", names)
-        write_text_atomic(out_dir / "eval.json", json.dumps({
+        write_text_atomic(out_dir / EVAL_FILE, json.dumps({
             **res.summary(), "per_class": [None if math.isnan(v) else v for v in res.per_class.tolist()],
             "confusion": res.confusion.tolist(), "class_names": names, "data": a.data,
             "num_processes": acc.num_processes}, indent=1))
-        print(f"confusion matrix  {png}\nmetrics           {out_dir / 'eval.json'}")
+        print(f"confusion matrix  {png}\nmetrics           {out_dir / EVAL_FILE}")
     acc.wait_for_everyone()
     return 0
 

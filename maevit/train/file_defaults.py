@@ -33,23 +33,27 @@ def _run_config(pretrained: str) -> dict[str, Any]:
     return {}
 
 
+def recorded_inputs(src: str) -> dict[str, Any]:
+    """What weights ``src`` (a file, a run or checkpoint directory, a model folder) record of their inputs:
+    ``{"img_size", "mean", "std"}`` from the header, else from the run's config.yaml; None where neither says."""
+    from maevit.models.weights import read_header
+
+    header, run_cfg = read_header(src), _run_config(str(src))
+    size = (header.get("build_args") or {}).get("img_size") or (run_cfg.get("model") or {}).get("img_size")
+    return {"img_size": size[0] if isinstance(size, (list, tuple)) else size,
+            "mean": header.get("mean") or (run_cfg.get("data") or {}).get("mean"),
+            "std": header.get("std") or (run_cfg.get("data") or {}).get("std")}
+
+
 def fill_from_weights(cfg: Any) -> Any:
     """Fill ``cfg.model.img_size``, ``cfg.data.mean`` and ``cfg.data.std`` where they are None: from
     ``cfg.model.pretrained``'s header (or its run's config.yaml), else 224 px and ImageNet's statistics.
     Returns ``cfg`` (changed in place), whose ``config.yaml`` then records the values used."""
-    from maevit.models.weights import read_header
-
     m, d = cfg.model, cfg.data
     if m.img_size is not None and d.mean is not None and d.std is not None:
         return cfg
     src = m.pretrained
-    header = read_header(src) if src else {}
-    run_cfg = _run_config(src) if src else {}
-    size = (header.get("build_args") or {}).get("img_size") or (run_cfg.get("model") or {}).get("img_size")
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    found = {"img_size": size,
-             "mean": header.get("mean") or (run_cfg.get("data") or {}).get("mean"),
-             "std": header.get("std") or (run_cfg.get("data") or {}).get("std")}
+    found = recorded_inputs(src) if src else dict.fromkeys(("img_size", "mean", "std"))
     defaults = {"img_size": DEFAULT_IMG_SIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     for key, section, name in (("img_size", m, "model.img_size"), ("mean", d, "data.mean"), ("std", d, "data.std")):
         if getattr(section, key) is not None:

@@ -6,6 +6,7 @@ quick check of an encoder, and the online probe during pretraining.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -59,6 +60,18 @@ def encoder_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if hasattr(encoder, "forward_features") and hasattr(encoder, "forward_head"):
         return encoder.forward_head(encoder.forward_features(images), pre_logits=True)
     return encoder(images)
+
+
+def patch_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The last feature map ``[B, h, w, D]`` of an encoder: its patch tokens (prefix tokens dropped),
+    in row-major order, on the grid of the final stage (the patch grid for plain ViTs, stride 32 for
+    Swin, ...; the grid's aspect follows the image's)."""
+    tokens = encoder.tokens_of(encoder.forward_features(images))[:, getattr(encoder, "num_prefix_tokens", 0):]
+    n, (H, W) = tokens.shape[1], images.shape[-2:]
+    h = max(1, round(math.sqrt(n * H / W)))
+    if n % h:
+        raise ValueError(f"{n} patch tokens do not form a grid with the aspect of {H}x{W} images")
+    return tokens.reshape(tokens.shape[0], h, n // h, tokens.shape[-1])  # [B, h, w, D]
 
 
 def gather_uneven(tensor: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
@@ -150,7 +163,26 @@ def knn_accuracy(
     if num_classes is None:
         names = getattr(train_loader, "class_names", None)
         num_classes = len(names) if names else int(max(train_y.max(), val_y.max())) + 1
-    scores = knn_classify(train_f, train_y, val_f, num_classes=num_classes, k=k, T=T)  # [Q, C]
+    return knn_top_k(train_f, train_y, val_f, val_y, num_classes=num_classes, k=k, T=T)
+
+
+def knn_top_k(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    query_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    k: int = 20,
+    T: float = 0.07,
+) -> dict[str, float]:
+    """Top-1 / top-5 kNN accuracy (%) of features already computed (the online probe, ``maevit knn``).
+
+    Returns:
+        ``{"knn_top1": ..., "knn_top5": ..., "knn_samples": Q}``.
+    """
+    val_y = query_labels
+    scores = knn_classify(train_feats, train_labels, query_feats, num_classes=num_classes, k=k, T=T)  # [Q, C]
     top = scores.topk(min(5, num_classes), dim=-1).indices  # [Q, 5]
     n = max(1, val_y.numel())
     return {

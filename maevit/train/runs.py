@@ -120,6 +120,17 @@ class ResumeError(RunError):
     """A checkpoint cannot be resumed from (a file was refused or does not fit the model)."""
 
 
+def run_root_of(path: str | os.PathLike) -> Path | None:
+    """The run directory that holds ``path`` (the run itself, an exported file at its top, a
+    checkpoint directory or a file in one), found by its ``config.yaml``; None for files outside runs."""
+    path = Path(path)
+    start = path if path.is_dir() else path.parent
+    for folder in (start, start.parent, start.parent.parent):
+        if RunDir(folder).config_path.is_file():
+            return folder
+    return None
+
+
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The step of a checkpoint directory named ``step-00001200`` (-> 1200)."""
     name = Path(path).name
