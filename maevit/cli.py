@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("maevit.export:main", "export encoder weights with their architecture (timm-loadable where timm can)"),
     "demo": ("maevit.demo:main", "MAE-pretrained vs from scratch on the shipped photos, in minutes"),
     "models": ("maevit.cli:main_models", "list registered models"),
+    "recipes": ("maevit.recipes:main_recipes", "list the shipped recipes (`maevit pretrain NAME` runs one)"),
 }
 
 
