@@ -33,23 +33,29 @@ def _run_config(pretrained: str) -> dict[str, Any]:
     return {}
 
 
+def recorded_input(src: str) -> dict[str, Any]:
+    """``{"img_size", "mean", "std"}`` that a weights file or run directory records (its header, else its
+    run's config.yaml); a value it does not record is None. Read here for the commands' defaults, and by
+    :func:`maevit.load` for a loaded model's preprocessing."""
+    from maevit.models.weights import read_header
+
+    header = read_header(src)
+    run_cfg = _run_config(src)
+    size = (header.get("build_args") or {}).get("img_size") or (run_cfg.get("model") or {}).get("img_size")
+    return {"img_size": size[0] if isinstance(size, (list, tuple)) else size,
+            "mean": header.get("mean") or (run_cfg.get("data") or {}).get("mean"),
+            "std": header.get("std") or (run_cfg.get("data") or {}).get("std")}
+
+
 def fill_from_weights(cfg: Any) -> Any:
     """Fill ``cfg.model.img_size``, ``cfg.data.mean`` and ``cfg.data.std`` where they are None: from
     ``cfg.model.pretrained``'s header (or its run's config.yaml), else 224 px and ImageNet's statistics.
     Returns ``cfg`` (changed in place), whose ``config.yaml`` then records the values used."""
-    from maevit.models.weights import read_header
-
     m, d = cfg.model, cfg.data
     if m.img_size is not None and d.mean is not None and d.std is not None:
         return cfg
     src = m.pretrained
-    header = read_header(src) if src else {}
-    run_cfg = _run_config(src) if src else {}
-    size = (header.get("build_args") or {}).get("img_size") or (run_cfg.get("model") or {}).get("img_size")
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    found = {"img_size": size,
-             "mean": header.get("mean") or (run_cfg.get("data") or {}).get("mean"),
-             "std": header.get("std") or (run_cfg.get("data") or {}).get("std")}
+    found = recorded_input(src) if src else {"img_size": None, "mean": None, "std": None}
     defaults = {"img_size": DEFAULT_IMG_SIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     for key, section, name in (("img_size", m, "model.img_size"), ("mean", d, "data.mean"), ("std", d, "data.std")):
         if getattr(section, key) is not None:
