@@ -46,7 +46,7 @@ def load(path: str | os.PathLike, *, model: str | None = None) -> nn.Module:
         maevit.models.CheckpointError / ModelArgumentError: a file maevit cannot read, or foreign
             weights without ``model``; the message says what to pass.
     """
-    from maevit.models.weights import detect_format, find_weights_file, read_header, read_state_dict
+    from maevit.models.weights import detect_format, read_header, read_state_dict
 
     header = read_header(path)
     kind = header.get("kind")

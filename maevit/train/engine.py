@@ -41,7 +41,8 @@ from maevit.train import runs
 from maevit.train.curves import save_run_curves
 from maevit.train.inputs import batches_from
 from maevit.train.metrics import MetricsLogger, SkipTally
-from maevit.train.progress import progress_bar, report_progress, start_trackers
+from maevit.train.progress import progress_bar, report_progress
+from maevit.train.trackers import log_image_file, start_trackers
 from maevit.train.schedule import Schedule
 from maevit.train.step import DivergedError, NonFiniteLossError, StepGuard
 from maevit.train.stopping import TrainingInterrupted, stop_requested
@@ -471,6 +472,7 @@ def fit(task: Task) -> dict[str, Any]:
         runs.prune_checkpoints(run, loop.policy.keep_last)
         run.prune_beside_checkpoints()
     result = task.export(loop)
+    log_image_file(acc, "curves", run.curves_path, loop.step)  # drawn at the last checkpoint or by the export
     acc.wait_for_everyone()
     acc.end_training()
     run.unlock()
