@@ -79,6 +79,20 @@ def test_a_tracker_that_is_not_installed_is_refused_with_its_pip_command(name, t
     assert not run.exists()  # refused before anything was written
 
 
+def test_a_tracker_that_cannot_start_is_a_usage_error(tmp_path, monkeypatch, capsys, one_thread):
+    """E.g. W&B without a login: what the tracker said, and the way out, instead of a traceback."""
+    from accelerate.tracking import TensorBoardTracker
+
+    def refuse(self):
+        raise RuntimeError("no credentials for this tracker")
+
+    monkeypatch.setattr(TensorBoardTracker, "start", refuse)
+    assert main(["pretrain", *TINY, f"run.dir={tmp_path / 'run'}", "run.tracker=tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert "could not start (RuntimeError: no credentials for this tracker)" in err and "run.tracker=none" in err
+    assert "Traceback" not in err
+
+
 def test_unknown_tracker_names_the_choices(capsys):
     assert main(["pretrain", *TINY, "run.tracker=tensorbored", "--print-config"]) == 2
     err = capsys.readouterr().err
@@ -101,6 +115,7 @@ def test_mlflow_file_store_gets_params_metrics_and_images(tmp_path, monkeypatch,
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database; a file store needs no server
     run = tmp_path / "run"
     _pretrain(run, "run.tracker=mlflow")
     client = mlflow.tracking.MlflowClient()
@@ -110,7 +125,8 @@ def test_mlflow_file_store_gets_params_metrics_and_images(tmp_path, monkeypatch,
 
 
 @pytest.mark.skipif(not tracker_available("dvclive"), reason="dvclive is not installed")
-def test_dvclive_writes_inside_the_run_directory(tmp_path, one_thread):
+def test_dvclive_writes_inside_the_run_directory(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)  # inside a Git repository DVCLive runs `dvc init` there: not in this checkout
     run = tmp_path / "run"
     _pretrain(run, "run.tracker=dvclive")
     assert (run / "dvclive" / "params.yaml").is_file() and (run / "dvclive" / "plots" / "images").is_dir()

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from maevit.config import ConfigError
 from maevit.models.weights import save_weights
 from maevit.train import runs
 from maevit.train.curves import save_run_curves
@@ -449,7 +450,11 @@ def fit(task: Task) -> dict[str, Any]:
     acc, model = task.build()  # nothing written yet: a bad name, size or source changes no files
     runs.check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
-    start_trackers(acc, cfg)
+    try:
+        start_trackers(acc, cfg)
+    except ConfigError:  # a tracker that cannot start: a usage error, and the run directory is free again
+        run.unlock()
+        raise
     loop = Loop(task, task.start(run), ckpt)
     try:
         loop.run_all()

@@ -63,7 +63,8 @@ def _init_kwargs(name: str, run_dir: Path) -> tuple[str, dict[str, Any]]:
     kwargs = {
         "wandb": {"name": run_dir.name, "dir": str(run_dir)},
         "mlflow": {"run_name": run_dir.name},
-        "dvclive": {"dir": str(run_dir / "dvclive")},
+        # no DVC experiment commits: a training command never writes to the user's Git repository
+        "dvclive": {"dir": str(run_dir / "dvclive"), "save_dvc_exp": False},
         "aim": {},  # its repository: the run directory (Accelerate passes it)
         "comet_ml": {},
         "clearml": {},
@@ -73,14 +74,24 @@ def _init_kwargs(name: str, run_dir: Path) -> tuple[str, dict[str, Any]]:
 
 def start_trackers(acc, cfg: Any) -> None:
     """Start the run's tracker, once ``open_run`` has set RUN_DIR up (``run.fresh`` moves an old run aside,
-    and a writer opened before that would follow it), with the resolved config as its hyper-parameters."""
+    and a writer opened before that would follow it), with the resolved config as its hyper-parameters.
+
+    Raises:
+        ConfigError: the tracker failed to start (e.g. W&B without a login), with what it said.
+    """
     if not acc.log_with:
         return
     name = str(acc.log_with[0])
     flat = {f"{s}.{k}": str(v) if isinstance(v, (list, tuple, dict)) or v is None else v
             for s, sec in to_dict(cfg).items() if isinstance(sec, dict) for k, v in sec.items()}
     project, kwargs = _init_kwargs(name, Path(cfg.run.dir))
-    acc.init_trackers(project, config=flat, init_kwargs={name: kwargs})
+    try:
+        acc.init_trackers(project, config=flat, init_kwargs={name: kwargs})
+    except Exception as exn:  # not logged in, no server, a store it refuses: the user's setup, said as such
+        first = str(exn).strip().splitlines()[0][:400] if str(exn).strip() else ""
+        raise ConfigError(f"run.tracker={name}: {name} could not start ({type(exn).__name__}: {first}). Set it up as "
+                          f"its documentation says (login, server or environment variables), or choose another "
+                          "tracker (run.tracker=none logs to metrics.jsonl only)") from exn
 
 
 def log_image_file(acc, tag: str, path: str | os.PathLike, step: int) -> None:
