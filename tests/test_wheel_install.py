@@ -8,9 +8,9 @@ so this environment's editable install of maevit stays out).
 """
 import os
 import shutil
+import site
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -51,7 +51,8 @@ def test_wheel_installs_the_recipes_and_runs_the_demo_outside_the_checkout(tmp_p
     py = venv / "bin" / "python"
     _run([*pip, "--python", py, "install", "--no-deps", "--no-index", wheel], tmp_path, env)
     purelib = _run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env)
-    (Path(purelib.stdout.strip()) / "_maevit_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    deps = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    (Path(purelib.stdout.strip()) / "_maevit_test_deps.pth").write_text("".join(f"{d}\n" for d in deps))
 
     work = tmp_path / "elsewhere"  # no pretrain/ or finetune/ here
     work.mkdir()
