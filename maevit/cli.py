@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("maevit.cli:main_models", "list registered models"),
     "embed": ("maevit.embed:main", "features of every image of a data source (pooled or the patch grid), resumable"),
     "knn": ("maevit.embed:main_knn", "kNN top-1 / top-5 of query embeddings against a labeled bank"),
+    "recipes": ("maevit.recipes:main_recipes", "list the shipped recipes (`maevit pretrain NAME` runs one)"),
 }
 
 

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from maevit.fileio import write_text_atomic
+from maevit.recipes import recipe_root
 
-REPO = Path(__file__).resolve().parents[1]
+RECIPES = recipe_root()  # pretrain/ and finetune/: shipped in the package, or a source checkout's top level
 STATE = "demo.json"
 TAGS = ("10", "100")  # fine-tuning stages: the recipe's label fraction (10%), and all labels (--full)
 
 
 def _recipe(kind: str) -> Path:
-    return REPO / kind / "demo.yaml"
+    return RECIPES / kind / "demo.yaml"
 
 
 def find_recipes(model: str | None) -> tuple[dict[str, Path], str | None]:
@@ -71,10 +72,10 @@ def find_recipes(model: str | None) -> tuple[dict[str, Path], str | None]:
     demo_model = (yaml.safe_load(demo["pretrain"].read_text()) or {}).get("model", {}).get("name")
     if demo_model and model_info(demo_model).family == family:
         return demo, name
-    own = {kind: REPO / kind / f"cifar10_{family}.yaml" for kind in ("pretrain", "finetune")}
-    missing = [str(p.relative_to(REPO)) for p in own.values() if not p.is_file()]
+    own = {kind: RECIPES / kind / f"cifar10_{family}.yaml" for kind in ("pretrain", "finetune")}
+    missing = [str(p.relative_to(RECIPES)) for p in own.values() if not p.is_file()]
     if missing:
-        have = sorted(f for f in families if all((REPO / k / f"cifar10_{f}.yaml").is_file() for k in own))
+        have = sorted(f for f in families if all((RECIPES / k / f"cifar10_{f}.yaml").is_file() for k in own))
         raise ConfigError(f"--model {model}: the {family} family has no small-image recipe ({' and '.join(missing)} "
                           f"not found); the demo runs {', '.join(sorted({model_info(demo_model).family, *have}))}")
     return own, name
@@ -300,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     for kind in ("pretrain", "finetune"):
         if not _recipe(kind).is_file():
-            print(f"maevit demo: {_recipe(kind)} not found; run the demo from a source checkout of maevit",
-                  file=sys.stderr)
+            print(f"maevit demo: {_recipe(kind)} not found: this maevit was installed without its recipes; "
+                  "reinstall it (pip install maevit, or pip install . in a source checkout)", file=sys.stderr)
             return 2
     out = Path(args.out)
     pre_ov, fine_ov = _split_overrides(args.overrides)

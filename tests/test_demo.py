@@ -106,9 +106,9 @@ def test_demo_runs_another_family_from_its_small_image_recipe(tmp_path, capsys, 
     repo = tmp_path / "repo"
     for kind, text in (("pretrain", HIERA_PRETRAIN), ("finetune", HIERA_FINETUNE)):
         (repo / kind).mkdir(parents=True)
-        shutil.copy(demo.REPO / kind / "demo.yaml", repo / kind / "demo.yaml")
+        shutil.copy(demo.RECIPES / kind / "demo.yaml", repo / kind / "demo.yaml")
         (repo / kind / "cifar10_hiera.yaml").write_text(text)
-    monkeypatch.setattr(demo, "REPO", repo)
+    monkeypatch.setattr(demo, "RECIPES", repo)
     out = tmp_path / "demo"
     args = ["--out", str(out), "--model", "hiera", "pretrain.optim.max_steps=2", "pretrain.data.batch_size=16",
             "pretrain.data.num_workers=0", "pretrain.run.progress=false", "pretrain.run.probe_train=bundled:val",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from maevit.config import ConfigError, format_config_keys, load_config, to_dict
+from maevit.recipes import STAGES, resolve_recipe
 from maevit.train.step import NonFiniteLossError
 from maevit.train.stopping import TrainingInterrupted, ctrl_c_stops_training, stop_signal_name
 
@@ -66,7 +67,10 @@ def run_recipe_command(
     epilog: str = "",
     label_fraction_flag: bool = False,
 ) -> int:
-    """``PROG [RECIPE.yaml] [key=value ...] [--print-config]``: load the config, run, print a summary.
+    """``PROG [RECIPE] [key=value ...] [--print-config]``: load the config, run, print a summary.
+
+    ``RECIPE`` is a YAML file or, for pretrain / finetune, a shipped recipe's name
+    (:func:`maevit.recipes.resolve_recipe`), so the README's commands work from any folder.
 
     Usage errors (config keys, model names, checkpoints, data sources) print one
     paragraph and exit 2; non-finite training stops and out-of-memory errors
@@ -81,7 +85,8 @@ def run_recipe_command(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(f"{epilog}\n\n" if epilog else "") + "config keys (key=value overrides; type, default, meaning):\n"
         + format_config_keys(cfg_cls))
-    p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (optional)")
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="recipe YAML, or the name of a shipped recipe (`maevit recipes` lists them; optional)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10 run.dir=runs/x")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     if label_fraction_flag:
@@ -97,6 +102,9 @@ def run_recipe_command(
     main_process = os.environ.get("RANK", "0") == "0"
     cfg = None
     try:
+        stage = prog.split()[-1]  # "maevit pretrain" -> pretrain: a recipe name means a shipped recipe of it
+        if recipe is not None and stage in STAGES:
+            recipe = resolve_recipe(recipe, stage)
         cfg = load_config(cfg_cls, recipe, overrides)
         if a.print_config:
             import yaml

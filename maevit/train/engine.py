@@ -36,12 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from maevit.config import ConfigError
 from maevit.models.weights import save_weights
 from maevit.train import runs
 from maevit.train.curves import save_run_curves
 from maevit.train.inputs import batches_from
 from maevit.train.metrics import MetricsLogger, SkipTally
-from maevit.train.progress import progress_bar, report_progress, start_trackers
+from maevit.train.progress import progress_bar, report_progress
+from maevit.train.trackers import log_image_file, start_trackers
 from maevit.train.schedule import Schedule
 from maevit.train.step import DivergedError, NonFiniteLossError, StepGuard
 from maevit.train.stopping import TrainingInterrupted, stop_requested
@@ -448,7 +450,11 @@ def fit(task: Task) -> dict[str, Any]:
     acc, model = task.build()  # nothing written yet: a bad name, size or source changes no files
     runs.check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
-    start_trackers(acc, cfg)
+    try:
+        start_trackers(acc, cfg)
+    except ConfigError:  # a tracker that cannot start: a usage error, and the run directory is free again
+        run.unlock()
+        raise
     loop = Loop(task, task.start(run), ckpt)
     try:
         loop.run_all()
@@ -471,6 +477,7 @@ def fit(task: Task) -> dict[str, Any]:
         runs.prune_checkpoints(run, loop.policy.keep_last)
         run.prune_beside_checkpoints()
     result = task.export(loop)
+    log_image_file(acc, "curves", run.curves_path, loop.step)  # drawn at the last checkpoint or by the export
     acc.wait_for_everyone()
     acc.end_training()
     run.unlock()

@@ -190,7 +190,7 @@ class FinetuneTask(Task):
             model = self.model = create_classifier(m.name, self.num_classes, pretrained=m.pretrained,
                                                    global_pool=m.global_pool, strict=m.strict, **m.overrides())
         self.precision = resolve_run_precision(cfg.run)  # auto: from the hardware, the same for every run
-        self.acc = make_accelerator(self.precision, cfg.optim.accum_steps, cfg.run.dir)
+        self.acc = make_accelerator(self.precision, cfg.optim.accum_steps, cfg.run.dir, cfg.run.tracker)
         return self.acc, model
 
     def start(self, run: runs.RunDir) -> Setup:

@@ -214,12 +214,18 @@ def resolve_run_precision(run: Any) -> str:
     return choice.precision
 
 
-def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.PathLike | None = None):
-    """An ``Accelerator`` for one run: precision (resolved: fp32 / bf16 / fp16), accumulation,
-    TensorBoard under ``run_dir`` when available."""
+def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.PathLike | None = None,
+                     tracker: str = "auto"):
+    """An ``Accelerator`` for one run: precision (resolved: fp32 / bf16 / fp16), accumulation, and
+    ``tracker`` (``run.tracker``: :func:`maevit.train.trackers.resolve_tracker`) for a run with a ``run_dir``.
+
+    Raises:
+        maevit.config.ConfigError: the tracker is not installed (the message has the pip command).
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import is_tensorboard_available
+
+    from maevit.train.trackers import resolve_tracker
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     earlier = AcceleratorState._shared_state.get("_mixed_precision")
@@ -228,6 +234,6 @@ def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.Pat
     return Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=accum_steps,
-        log_with="tensorboard" if run_dir is not None and is_tensorboard_available() else None,
+        log_with=resolve_tracker(tracker) if run_dir is not None else None,
         project_dir=None if run_dir is None else str(run_dir),
     )

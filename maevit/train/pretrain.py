@@ -35,6 +35,7 @@ from maevit.train.memory import log_memory_estimate
 from maevit.train.optim import build_adamw, param_groups
 from maevit.train.perf import compile_blocks, meter_for
 from maevit.train.precision import make_accelerator, resolve_run_precision
+from maevit.train.trackers import log_image_file
 from maevit.train.schedule import plan_for
 from maevit.train.sections import IMAGENET_MEAN, IMAGENET_STD, AdamWSection, DataSection, ModelSection, RunBase
 from maevit.train.step import NonFiniteLossError
@@ -168,7 +169,7 @@ class PretrainTask(Task):
             model = self.model = create_mae(cfg.model.name, **cfg.model.overrides())
         img_shape = (3, *model.encoder.img_size)  # the loader's RGB images
         self.precision = resolve_run_precision(cfg.run)  # auto: from the hardware, the same for every run
-        acc = self.acc = make_accelerator(self.precision, cfg.optim.accum_steps, cfg.run.dir)
+        acc = self.acc = make_accelerator(self.precision, cfg.optim.accum_steps, cfg.run.dir, cfg.run.tracker)
         logger.info("pretraining on %d process(es), device %s, precision %s", acc.num_processes, acc.device,
                     self.precision)
         self.meter = meter_for(  # FLOPs per image, peak, MFU (before compile / prepare)
@@ -279,6 +280,7 @@ class _Grids(Hook):
             with loop.acc.autocast():
                 save_reconstruction_grid(loop.acc.unwrap_model(loop.model), self.imgs.to(loop.acc.device), path,
                                          seed=0, mean=self.cfg.data.mean, std=self.cfg.data.std)
+            log_image_file(loop.acc, "reconstruction", path, loop.step)
         except Exception as exn:  # noqa: BLE001
             logger.warning("could not draw %s (%s: %s); training goes on without it", path, type(exn).__name__,
                            str(exn).strip().splitlines()[0][:200] if str(exn).strip() else "")

@@ -185,7 +185,7 @@ class ProbeTask(Task):
         if not d.train:
             raise ConfigError("data.train is not set: pass data.train=SHARDS_OR_FOLDER (or data.train=bundled:train)")
         self.precision = resolve_run_precision(cfg.run)
-        acc = self.acc = make_accelerator(self.precision, run_dir=cfg.run.dir)
+        acc = self.acc = make_accelerator(self.precision, run_dir=cfg.run.dir, tracker=cfg.run.tracker)
         set_seed(cfg.run.seed)
         common = stream_args(d, img_size=cfg.model.img_size, seed=cfg.run.seed)
         self.train_loader = labeled_for_rank(d.train, acc, train=d.augment, **common, **label_args(d),

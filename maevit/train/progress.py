@@ -1,10 +1,8 @@
-"""What there is to watch while a run trains: the progress bar, its log-line twin, TensorBoard."""
+"""What there is to watch while a run trains: the progress bar and its log-line twin (the tracker:
+:mod:`maevit.train.trackers`)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-from maevit.config import to_dict
 
 logger = logging.getLogger("maevit")
 
@@ -24,11 +22,3 @@ def report_progress(bar, step: int, total: int, **values: float) -> None:
     else:
         bar.set_postfix(shown, refresh=False)
 
-
-def start_trackers(acc, cfg: Any) -> None:
-    """TensorBoard under RUN_DIR/tensorboard, once ``open_run`` has set RUN_DIR up (``run.fresh``
-    moves an old run aside, and a writer opened before that would follow it)."""
-    if acc.log_with:
-        flat = {f"{s}.{k}": str(v) if isinstance(v, (list, tuple, dict)) or v is None else v
-                for s, sec in to_dict(cfg).items() if isinstance(sec, dict) for k, v in sec.items()}
-        acc.init_trackers("tensorboard", config=flat)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from maevit.config import ConfigError
+from maevit.train.trackers import Tracker
 
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
@@ -29,6 +30,9 @@ class RunSection:
     seed: int = 0
     precision: Precision = "auto"  # auto: bf16 on GPUs with native bf16 and CPUs with AMX-bf16, else fp32
     fresh: bool = False  # start over even if RUN_DIR has a checkpoint (old run moved aside)
+    # experiment tracker (Accelerate's): hyper-parameters, metrics, reconstruction grids, curves;
+    # auto: tensorboard (RUN_DIR/tensorboard) where installed, else none (metrics.jsonl only)
+    tracker: Tracker = "auto"
 
     def validate(self) -> None:
         if not str(self.dir).strip():
