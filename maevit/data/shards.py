@@ -46,7 +46,7 @@ from maevit.config import Range, ranged
 from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
 from maevit.fileio import atomic_write, publish, temporary_path
 
-from . import bundled as _bundled
+from . import bundled as _bundled, remote
 from .sources import INCOMPLETE_NAME, INDEX_NAME, Source, _scan_tar, folder_source, read_index, resolve_source
 from .tars import _Errors, _has_image, _image_of, _read_unit, _where
 from .transforms import DEFAULT_MAX_PIXELS, ImageTooLargeError, check_pixels, to_rgb
@@ -194,6 +194,10 @@ def write_shards(
     Returns:
         The index written to `out_dir/dataset.json`.
     """
+    if remote.is_remote(str(out_dir)):
+        return _write_remote(src, str(out_dir), overwrite=overwrite, samples_per_shard=samples_per_shard,
+                             max_bytes=max_bytes, resize_shorter=resize_shorter, quality=quality, workers=workers,
+                             prefix=prefix, shuffle_seed=shuffle_seed, progress=progress)
     items, classes, src_desc = _items(src)
     out = Path(out_dir)
     try:
@@ -206,6 +210,29 @@ def write_shards(
                              quality, workers, prefix, overwrite, shuffle_seed, progress)
     finally:
         unlock_dir(out)
+
+
+def _write_remote(src: str, url: str, *, overwrite: bool, **options: Any) -> dict[str, Any]:
+    """`write_shards` to an object store (any fsspec URL): write the shards in a local staging folder
+    (``$TMPDIR``: it must hold the whole dataset), upload them, then upload ``dataset.json`` last, so
+    the prefix reads as a dataset only when every shard is there. Each upload is one PUT (an object
+    appears whole or not at all); an interrupted write leaves shards without an index, which the
+    loaders refuse, and is redone from the start."""
+    import tempfile
+
+    fs, path = remote._filesystem(url)
+    base = url.rstrip("/")
+    if fs.exists(f"{path.rstrip('/')}/{INDEX_NAME}") and not overwrite:
+        raise FileExistsError(f"{remote.redact(base)} already holds a dataset ({INDEX_NAME}); pass --overwrite to "
+                              f"replace it, or choose another prefix.")
+    with tempfile.TemporaryDirectory(prefix="maevit-shards-") as stage:
+        index = write_shards(src, stage, overwrite=True, **options)
+        if overwrite:
+            fs.rm_file(f"{path.rstrip('/')}/{INDEX_NAME}") if fs.exists(f"{path.rstrip('/')}/{INDEX_NAME}") else None
+        for shard in index["shards"]:
+            remote.upload(os.path.join(stage, shard["name"]), f"{base}/{shard['name']}")
+        remote.upload(os.path.join(stage, INDEX_NAME), f"{base}/{INDEX_NAME}")  # last: now it is a dataset
+    return index
 
 
 def _write_locked(items, classes, src, src_desc, out: Path, samples_per_shard, max_bytes, resize_shorter, quality,
@@ -493,6 +520,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report["errors"].items() if v)
         print(f"{report['samples']} samples OK, {sum(report['errors'].values())} bad" + (f" ({kinds})" if kinds else ""))
         return 1 if report["bad"] else 0
-    except (FileExistsError, FileNotFoundError, ValueError) as exn:
+    except (FileExistsError, FileNotFoundError, ValueError, remote.RemoteReadError) as exn:
         print(f"maevit shards {args.cmd}: {exn}", file=sys.stderr)
         return 2
