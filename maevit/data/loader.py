@@ -92,6 +92,12 @@ class StreamLoader:
             raise ValueError(f"skip_batches(n) needs n >= 0, got {n}.")
         self._spec.start_batch = int(n)
 
+    def set_elastic(self, resume: Any) -> None:
+        """Stream the rest of epoch ``resume.epoch`` without the samples a run on ``resume.world`` processes
+        had seen (an :class:`~maevit.data.elastic.ElasticResume`; see that module). Batch positions of that
+        epoch stay in this loader's units (``resume.offset`` is where the rest starts)."""
+        self._spec.elastic = resume
+
     def state_dict(self) -> dict[str, int]:
         """Position to resume from: `{"epoch", "batch"}` (batches already yielded this epoch)."""
         return {"epoch": self._spec.epoch, "batch": self._position}

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from maevit.models.weights import save_weights
-from maevit.train import runs
+from maevit.train import elastic, runs
 from maevit.train.curves import save_run_curves
 from maevit.train.inputs import batches_from
 from maevit.train.metrics import MetricsLogger, SkipTally
@@ -228,7 +228,7 @@ class Loop:
         acc / run / model / metrics: the accelerator, run directory, prepared model, metrics log.
     """
 
-    def __init__(self, task: Task, s: Setup, ckpt: Path | None) -> None:
+    def __init__(self, task: Task, s: Setup, ckpt: Path | None, resize: elastic.Resize | None = None) -> None:
         self.task, self.s, self.policy = task, s, s.policy or Policy.of(task.cfg.run)
         self.acc, self.run, self.model = s.acc, s.run, s.model
         self.resumed_from = ckpt
@@ -237,6 +237,18 @@ class Loop:
         if ckpt is not None:
             self.state.update(runs.load_checkpoint(self.acc, ckpt, generators=s.generators or None,
                                                    verified=True))  # open_run checked its digests
+        if ckpt is not None and resize is not None:  # another number of processes: same effective batch
+            if self.acc.is_main_process:
+                logger.info("%s", elastic.describe(resize, self.state, s.eff_batch // (resize.new_world * resize.new_accum)))
+            if (self.state.get("elastic") or {}).get("epoch") == self.state.get("epoch") and self.acc.is_main_process:
+                logger.warning("this epoch was already resumed on another number of processes once: the rest of it "
+                               "is mapped as if streamed whole, so a few samples may repeat or be left out")
+            mapped = elastic.map_position(resize, self.state)
+            self.state["elastic"] = mapped.__dict__ if mapped is not None else None
+        if self.state.get("elastic") and hasattr(s.loader, "set_elastic"):
+            from maevit.data.elastic import ElasticResume
+
+            s.loader.set_elastic(ElasticResume(**self.state["elastic"]))
         self.step, self.epoch, self.batch = self.state["step"], self.state["epoch"], self.state["batch"]
         self.skips = SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
         self.metrics = MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,
@@ -335,6 +347,7 @@ class Loop:
             return
         self.confirmed_at = self.saved_at  # healthy since it was written
         self.state.update(step=self.step, epoch=self.epoch, batch=self.batch,
+                          accum_steps=self.acc.gradient_accumulation_steps,
                           nonfinite_steps=int(self.guard.bad_total.item()), skipped=self.skips.totals(),
                           model=self.s.header, metrics_rows=self.metrics.rows)  # (the main process writes it)
         for hook in self.s.hooks:
@@ -445,11 +458,14 @@ def fit(task: Task) -> dict[str, Any]:
             checkpoint cannot be resumed.
     """
     cfg = task.cfg = task.resolve(task.cfg)
+    resize = elastic.plan_resize(cfg)  # resumed on another number of processes: keep the effective batch
+    if resize is not None:
+        cfg.optim.accum_steps = resize.new_accum
     acc, model = task.build()  # nothing written yet: a bad name, size or source changes no files
     runs.check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
     start_trackers(acc, cfg)
-    loop = Loop(task, task.start(run), ckpt)
+    loop = Loop(task, task.start(run), ckpt, resize)
     try:
         loop.run_all()
     finally:
