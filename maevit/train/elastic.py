@@ -48,9 +48,12 @@ def plan_resize(cfg: Any) -> Resize | None:
         state = json.loads((ckpt / runs.STATE_FILE).read_text())
     except (OSError, ValueError):
         return None  # a damaged checkpoint: open_run says so
-    from accelerate import PartialState
+    from accelerate.utils import get_int_from_env
 
-    world, new_world = int(state.get("num_processes", 1)), PartialState().num_processes
+    # what the launcher set (torchrun / accelerate launch / MPI): the Accelerator is not made yet, and an early
+    # PartialState() would fix the process group before the command's Accelerator chooses CPU or GPU
+    new_world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    world = int(state.get("num_processes", 1))
     if world == new_world:
         return None
     accum = int(state.get("accum_steps", cfg.optim.accum_steps))

@@ -243,6 +243,8 @@ class Loop:
             if (self.state.get("elastic") or {}).get("epoch") == self.state.get("epoch") and self.acc.is_main_process:
                 logger.warning("this epoch was already resumed on another number of processes once: the rest of it "
                                "is mapped as if streamed whole, so a few samples may repeat or be left out")
+            # Accelerate's micro-batch counter was saved under the old accumulation: restart it on a step boundary
+            self.acc.step = self.state["step"] * resize.new_accum
             mapped = elastic.map_position(resize, self.state)
             self.state["elastic"] = mapped.__dict__ if mapped is not None else None
         if self.state.get("elastic") and hasattr(s.loader, "set_elastic"):
