@@ -128,9 +128,51 @@ def test_credentials_in_a_url_are_refused_and_never_printed():
     assert remote.redact("see s3://k:s@b/x.tar?X-Amz-Signature=abc&a=1") == "see s3://***@b/x.tar?X-Amz-Signature=***&a=***"
 
 
-def test_a_missing_cloud_backend_names_the_extra_to_install():
-    with pytest.raises(DataSourceError, match=r"pip install 'maevit\[s3\]'"):
-        pretrain_loader("s3://bucket/ds/dataset.json", img_size=8, batch_size=8)
+def test_a_missing_cloud_backend_names_the_extra_to_install(monkeypatch):
+    import fsspec
+
+    def missing(url, **kw):  # what fsspec raises when gcsfs is not installed
+        raise ImportError("Install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(DataSourceError, match=r"needs an fsspec back-end .*pip install 'maevit\[gcs\]'"):
+        pretrain_loader("gs://bucket/ds/dataset.json", img_size=8, batch_size=8)
+
+
+# ----------------------------------------------------------------------------- S3 (a local moto server)
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 API on loopback (moto's server); credentials and endpoint from the environment, as s3fs reads them."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("maevit-test")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_s3_shards_written_and_streamed_through_a_local_s3_server(shards, s3, capsys):
+    url = "s3://maevit-test/in/train"
+    assert shards_main(["write", str(shards.parent / "images"), url, "--samples-per-shard", "8", "--no-progress"]) == 0
+    assert sorted(p.rsplit("/", 1)[1] for p in s3.ls("maevit-test/in/train")) == sorted(
+        p.name for p in shards.iterdir() if not p.name.startswith("."))
+    for workers in (0, 2):
+        local, _ = _pretrain(str(shards), workers)
+        got, stats = _pretrain(url, workers)
+        assert len(got) == 6 and not any(stats.values())
+        for a, b in zip(got, local):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert "testing" not in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- object store (fsspec memory://)
