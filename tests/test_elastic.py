@@ -74,3 +74,16 @@ def test_the_rest_of_an_epoch_on_another_number_of_processes_repeats_no_sample(t
     nxt.set_elastic(resume)
     nxt.set_epoch(1)
     assert sorted(i for x in nxt for i in sample_ids(x)) == list(range(96))
+
+
+def test_a_resume_that_cannot_keep_the_effective_batch_stops_with_exit_2(tmp_path, monkeypatch, capsys):
+    from maevit.train.pretrain import main
+    from tiny_runs import TINY_PRETRAIN
+
+    args = [*TINY_PRETRAIN, f"run.dir={tmp_path / 'run'}", "optim.max_steps=2", "optim.accum_steps=3"]
+    assert main(args) == 0  # 1 process x 3 micro-batches per step
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what the launcher sets: the same run on 2 processes
+    assert main([*args[:-2], "optim.max_steps=4", "optim.accum_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "3 micro-batches per step cannot be split evenly over 2" in err and "Resume on 1, 3 process(es)" in err
+    assert "Traceback" not in err
