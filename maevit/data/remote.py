@@ -59,6 +59,16 @@ _USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _QUERY_VALUE = re.compile(r"([?&][^=&#\s]+=)[^&#\s]*")
 
 
+_SECRET_PARAM = re.compile(r"[?&](?:[^=&#]*(?:token|sig|signature|secret|password|passwd|credential|key)[^=&#]*"
+                           r"|X-Amz-[^=&#]*|X-Goog-[^=&#]*|se|sp|sv)=", re.IGNORECASE)
+
+
+def holds_credentials(url: str) -> bool:
+    """Whether ``url`` carries credentials: ``user:password@`` or a query parameter named like a token,
+    signature or key (signed URLs), which maevit would otherwise save in the run's config."""
+    return "@" in url.split("://", 1)[-1].split("/", 1)[0] or bool(_SECRET_PARAM.search(url))
+
+
 def redact(text: str) -> str:
     """``text`` with the credentials of any URL in it replaced by ``***`` (user:password, query values)."""
     return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub(r"\1***@", text))

@@ -227,8 +227,8 @@ def _write_remote(src: str, url: str, *, overwrite: bool, **options: Any) -> dic
                               f"replace it, or choose another prefix.")
     with tempfile.TemporaryDirectory(prefix="maevit-shards-") as stage:
         index = write_shards(src, stage, overwrite=True, **options)
-        if overwrite:
-            fs.rm_file(f"{path.rstrip('/')}/{INDEX_NAME}") if fs.exists(f"{path.rstrip('/')}/{INDEX_NAME}") else None
+        if overwrite and fs.exists(f"{path.rstrip('/')}/{INDEX_NAME}"):
+            fs.rm_file(f"{path.rstrip('/')}/{INDEX_NAME}")  # first: a half-replaced prefix must not read as a dataset
         for shard in index["shards"]:
             remote.upload(os.path.join(stage, shard["name"]), f"{base}/{shard['name']}")
         remote.upload(os.path.join(stage, INDEX_NAME), f"{base}/{INDEX_NAME}")  # last: now it is a dataset

@@ -14,7 +14,7 @@ from typing import Any
 
 
 from . import bundled as _bundled, sample as _sample
-from .remote import is_remote, read_bytes, redact
+from .remote import holds_credentials, is_remote, read_bytes, redact
 from .transforms import IMAGE_EXTS
 
 log = logging.getLogger("maevit.data.stream")  # the name the warnings have always had
@@ -81,12 +81,12 @@ def _check_url(url: str, allow_pipe: bool) -> None:
             f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands. If you trust it, pass "
             f"allow_pipe=True (config: data.allow_pipe=true)."
         )
-    if is_remote(url) and redact(url.split("?", 1)[0]) != url.split("?", 1)[0]:
+    if is_remote(url) and holds_credentials(url):
         raise DataSourceError(
-            f"refusing shard URL {redact(url)!r}: it holds a user name / password, which would be saved in the run's "
-            f"config and logs. Give credentials to the storage back-end instead (its usual environment variables or "
-            f"config file: ~/.aws/credentials, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN, ...) and drop 'user:pass@' "
-            f"from the URL."
+            f"refusing shard URL {redact(url)!r}: it holds credentials (a user name / password or a token / signature "
+            f"in the query), which would be saved in the run's config and logs. Give them to the storage back-end "
+            f"instead (its usual environment variables or config file: ~/.aws/credentials, "
+            f"GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*, HF_TOKEN, ...) and drop them from the URL."
         )
 
 
