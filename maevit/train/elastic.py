@@ -91,3 +91,32 @@ def map_position(resize: Resize, state: dict[str, Any]) -> Any:
     offset = batch * resize.world // resize.new_world  # exact: checkpoints are at optimizer-step boundaries
     state["batch"] = offset
     return ElasticResume(epoch=int(state.get("epoch", 0)), world=resize.world, batch=batch, offset=offset)
+
+
+def resume_on(acc: Any, state: dict[str, Any], resize: Resize | None, loader: Any) -> None:
+    """After a checkpoint's ``state`` was loaded: say what a resize changes, restart Accelerate's micro-batch
+    counter on a step boundary of the new accumulation, map ``state['batch']``, and hand the loader the rest
+    of the epoch (also when a later resume on the same processes continues an epoch begun on others).
+
+    Raises:
+        RunError: the checkpoint loaded is not the one the resize was planned from (the newest was damaged
+            and set aside); running the same command again plans from the one now newest.
+    """
+    from maevit.data.elastic import ElasticResume
+
+    saved = int(state.get("num_processes", acc.num_processes))
+    if saved != acc.num_processes and (resize is None or resize.world != saved):
+        raise runs.RunError(
+            f"the checkpoint resumed was written by {saved} process(es), not the one this resume was planned from "
+            f"(the newest checkpoint was damaged and set aside): run the same command again.")
+    if resize is not None:
+        if acc.is_main_process:
+            logger.info("%s", describe(resize, state, loader.batch_size))
+            if (state.get("elastic") or {}).get("epoch") == state.get("epoch"):
+                logger.warning("this epoch was already resumed on another number of processes once: the rest of it "
+                               "is mapped as if streamed whole, so a few samples may repeat or be left out")
+        acc.step = state["step"] * resize.new_accum  # the counter was saved under the old accumulation
+        mapped = map_position(resize, state)
+        state["elastic"] = mapped.__dict__ if mapped is not None else None
+    if state.get("elastic") and hasattr(loader, "set_elastic"):
+        loader.set_elastic(ElasticResume(**state["elastic"]))

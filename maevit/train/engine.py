@@ -237,20 +237,8 @@ class Loop:
         if ckpt is not None:
             self.state.update(runs.load_checkpoint(self.acc, ckpt, generators=s.generators or None,
                                                    verified=True))  # open_run checked its digests
-        if ckpt is not None and resize is not None:  # another number of processes: same effective batch
-            if self.acc.is_main_process:
-                logger.info("%s", elastic.describe(resize, self.state, s.eff_batch // (resize.new_world * resize.new_accum)))
-            if (self.state.get("elastic") or {}).get("epoch") == self.state.get("epoch") and self.acc.is_main_process:
-                logger.warning("this epoch was already resumed on another number of processes once: the rest of it "
-                               "is mapped as if streamed whole, so a few samples may repeat or be left out")
-            # Accelerate's micro-batch counter was saved under the old accumulation: restart it on a step boundary
-            self.acc.step = self.state["step"] * resize.new_accum
-            mapped = elastic.map_position(resize, self.state)
-            self.state["elastic"] = mapped.__dict__ if mapped is not None else None
-        if self.state.get("elastic") and hasattr(s.loader, "set_elastic"):
-            from maevit.data.elastic import ElasticResume
-
-            s.loader.set_elastic(ElasticResume(**self.state["elastic"]))
+        if ckpt is not None:  # on another number of processes: the same effective batch, the data position mapped
+            elastic.resume_on(self.acc, self.state, resize, s.loader)
         self.step, self.epoch, self.batch = self.state["step"], self.state["epoch"], self.state["batch"]
         self.skips = SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
         self.metrics = MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,
