@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,12 +18,15 @@ class ShardServer:
             connection is closed (its Content-Length still promises the whole body).
         cut_once: like ``cut``, only for the first request of that file (a resumed read succeeds).
         fail_first: file name -> how many requests answer 500 before it is served.
+        stall_first: file name -> how many requests send their headers, then nothing for ``stall_s``.
     """
 
     def __init__(self, root: Path, cut: dict[str, int] | None = None, cut_once: dict[str, int] | None = None,
-                 fail_first: dict[str, int] | None = None) -> None:
+                 fail_first: dict[str, int] | None = None, stall_first: dict[str, int] | None = None,
+                 stall_s: float = 2.0) -> None:
         self.root, self.cut, self.cut_once = Path(root), dict(cut or {}), dict(cut_once or {})
         self.fail_first = dict(fail_first or {})
+        self.stall_first, self.stall_s = dict(stall_first or {}), stall_s
         self.requests: list[tuple[str, str, int]] = []  # (name, Range header or "", status)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -55,6 +59,9 @@ class ShardServer:
                     if failing:
                         server.fail_first[name] -= 1
                     cut = server.cut.get(name, server.cut_once.pop(name, None))
+                    stall = server.stall_first.get(name, 0) > 0
+                    if stall:
+                        server.stall_first[name] -= 1
                 path = server.root / name
                 status = 500 if failing else 404 if not path.is_file() else 206 if rng else 200
                 server.requests.append((name, rng, status))
@@ -72,6 +79,11 @@ class ShardServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.send_header("Connection", "close")
                 self.end_headers()
+                if stall:
+                    self.wfile.flush()
+                    time.sleep(server.stall_s)
+                    self.close_connection = True
+                    return
                 end = len(data) if cut is None else max(start, cut)
                 self.wfile.write(data[start:end])
                 self.wfile.flush()

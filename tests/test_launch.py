@@ -32,7 +32,6 @@ TINY = [
     "run.precision=fp32",
 ]
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +75,7 @@ def _in_process(out: Path, *args: str) -> dict:
         sys.argv = argv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 4])
 def test_the_shipped_ddp_config_runs_on_cpu_processes(shards, tmp_path, n):
     run = tmp_path / "run"
@@ -88,6 +88,7 @@ def test_the_shipped_ddp_config_runs_on_cpu_processes(shards, tmp_path, n):
     assert len({i for x in ids for i in x}) == 3 * 4 * n  # the ranks read disjoint samples
 
 
+@pytest.mark.slow
 def test_every_rank_preempted_at_a_random_step_resumes_exactly(shards, tmp_path):
     from test_preemption import _run_until_step
 
@@ -112,6 +113,7 @@ def _rows(run: Path) -> list[dict]:
     return [r for r in runs.read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, new_world", [(2, 1), (1, 2)])
 def test_resumed_on_another_number_of_processes_it_stays_the_same_run(shards, tmp_path, caplog, world, new_world):
     """Stopped at step 3 of 12 (epoch 0), resumed on ``new_world`` processes until step 14 (inside epoch 1)."""
@@ -148,3 +150,27 @@ def test_resumed_on_another_number_of_processes_it_stays_the_same_run(shards, tm
     # and the loss goes on from where it stopped, not from a fresh start
     resumed, fresh = [r["loss"] for r in rows[3:]], [r["loss"] for r in ref]
     assert max(resumed) < fresh[0] and abs(sum(resumed) / len(resumed) - sum(fresh[3:]) / 11) < 0.25 * fresh[3]
+
+
+def test_the_shipped_launcher_files_are_valid_and_name_real_wrap_classes():
+    import re
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from maevit.models import create_mae
+    from maevit.models.registry import _REGISTRY
+
+    configs = {p.stem: load_config_from_file(str(p)) for p in (REPO / "launch").glob("*.yaml")}  # unknown keys raise
+    assert sorted(configs) == ["ddp-1node", "ddp-multinode", "fsdp"]
+    assert configs["ddp-multinode"].num_machines == 2 and configs["fsdp"].fsdp_config["fsdp_version"] == 2
+    text = (REPO / "launch" / "fsdp.yaml").read_text()
+    wraps = dict(re.findall(r"#\s+(\w+)\s+--fsdp_transformer_layer_cls_to_wrap (\S+)", text))
+    wraps.update({f: configs["fsdp"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"] for f in ("vit", "deit", "hybrid")})
+    families = {e.family: n for n, e in sorted(_REGISTRY.items())}
+    assert set(families) == set(wraps)  # every family has its wrap classes in the file
+    for family, name in families.items():  # Accelerate looks each class up by its exact name in the model
+        classes = {type(m).__name__ for m in create_mae(name, **_REGISTRY[name].smoke).modules()}
+        assert set(wraps[family].split(",")) <= classes, (family, wraps[family])
+    assert subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm.sbatch")]).returncode == 0
+    sbatch = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@120" in sbatch and "#SBATCH --requeue" in sbatch and "accelerate launch" in sbatch

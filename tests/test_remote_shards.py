@@ -101,6 +101,14 @@ def test_server_errors_that_recover_are_retried(shards):
         assert [s for n, _, s in server.requests if n == "shard-000001.tar"] == [500, 500, 200]
 
 
+def test_a_stalled_response_times_out_and_is_retried(shards, monkeypatch):
+    monkeypatch.setattr(remote, "TIMEOUT_S", 0.3)
+    with ShardServer(shards, stall_first={"shard-000005.tar": 1}, stall_s=3.0) as server:
+        got, stats = _pretrain(f"{server.url}/dataset.json")
+        assert len(got) == 6 and not any(stats.values())
+        assert [s for n, _, s in server.requests if n == "shard-000005.tar"] == [200, 200]
+
+
 def test_an_unreachable_shard_is_counted_and_named_with_its_cause(shards, caplog):
     with ShardServer(shards, fail_first={"shard-000004.tar": 99}) as server:
         got, stats = _pretrain(f"{server.url}/dataset.json?v=SECRET")
