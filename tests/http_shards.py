@@ -19,14 +19,16 @@ class ShardServer:
         cut_once: like ``cut``, only for the first request of that file (a resumed read succeeds).
         fail_first: file name -> how many requests answer 500 before it is served.
         stall_first: file name -> how many requests send their headers, then nothing for ``stall_s``.
+        ranges: honour ``Range`` (False: answer 200 with the whole file, as some servers do).
     """
 
     def __init__(self, root: Path, cut: dict[str, int] | None = None, cut_once: dict[str, int] | None = None,
                  fail_first: dict[str, int] | None = None, stall_first: dict[str, int] | None = None,
-                 stall_s: float = 2.0) -> None:
+                 stall_s: float = 2.0, ranges: bool = True) -> None:
         self.root, self.cut, self.cut_once = Path(root), dict(cut or {}), dict(cut_once or {})
         self.fail_first = dict(fail_first or {})
         self.stall_first, self.stall_s = dict(stall_first or {}), stall_s
+        self.ranges = ranges
         self.requests: list[tuple[str, str, int]] = []  # (name, Range header or "", status)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -53,7 +55,7 @@ class ShardServer:
 
             def do_GET(self) -> None:
                 name = self.path.lstrip("/").split("?", 1)[0]
-                rng = self.headers.get("Range", "")
+                rng = self.headers.get("Range", "") if server.ranges else ""
                 with server._lock:
                     failing = server.fail_first.get(name, 0) > 0
                     if failing:

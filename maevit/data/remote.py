@@ -98,15 +98,17 @@ def _http_open(url: str, offset: int) -> tuple[IO[bytes], int | None]:
     if offset:
         headers["Range"] = f"bytes={offset}-"
     resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
-    if offset and resp.status != 206:  # the server ignored Range: skip what was already read
+    length = resp.headers.get("Content-Length")
+    length = int(length) if length is not None else None
+    if offset and resp.status != 206:  # the server ignored Range: the whole body again, skip what was read
         skipped = 0
         while skipped < offset:
             got = len(resp.read(min(CHUNK, offset - skipped)))
             if not got:
                 raise ConnectionError(f"the body ended at byte {skipped} while skipping to {offset}")
             skipped += got
-    length = resp.headers.get("Content-Length")
-    return resp, int(length) if length is not None else None
+        length = None if length is None else length - offset
+    return resp, length
 
 
 def _fsspec_open(url: str, offset: int) -> tuple[IO[bytes], int | None]:
