@@ -87,3 +87,15 @@ def test_a_resume_that_cannot_keep_the_effective_batch_stops_with_exit_2(tmp_pat
     err = capsys.readouterr().err
     assert "3 micro-batches per step cannot be split evenly over 2" in err and "Resume on 1, 3 process(es)" in err
     assert "Traceback" not in err
+
+
+def test_the_stopped_run_may_have_had_another_number_of_loader_workers(tmp_path):
+    """Fewer processes on a node get more CPUs each (data.num_workers=null adapts): the replay uses the old count."""
+    shards = keyed_shards(tmp_path, 96)
+    seen = []
+    for r in range(2):
+        loader = pretrain_loader(str(shards), img_size=8, batch_size=4, num_workers=1, shuffle_buffer=16, rank=r,
+                                 world_size=2, **RAW)
+        seen += [i for k, x in zip(range(3), loader) for i in sample_ids(x)]
+    rest = _ids(1, 0, shards, skip=6, elastic=ElasticResume(epoch=0, world=2, batch=3, offset=6, workers=1))
+    assert sorted(seen + rest) == list(range(96))  # _ids streams with 2 workers now

@@ -34,22 +34,25 @@ class ElasticResume:
         world: processes of the run that stopped.
         batch: batches per rank it had consumed in ``epoch``.
         offset: the same position in batches per rank of the resumed run.
+        workers: loader workers per rank of the run that stopped (None: as now).
     """
 
     epoch: int
     world: int
     batch: int
     offset: int
+    workers: int | None = None
 
 
 def seen_positions(spec: Any, resume: ElasticResume) -> np.ndarray:
-    """Sorted positions of the virtual sequence of ``spec.epoch`` that ``resume.world`` ranks had consumed
-    after ``resume.batch`` batches each (with ``spec``'s batch size, workers, seed and shuffle buffer)."""
+    """Sorted positions of the virtual sequence of ``spec.epoch`` that ``resume.world`` ranks (with
+    ``resume.workers`` loader workers each) had consumed after ``resume.batch`` batches each (with ``spec``'s
+    batch size, seed and shuffle buffer)."""
     import webdataset as wds
 
     from .split import _StreamDataset, _rng, _worker_batches
 
-    s = spec
+    s = replace(spec, num_workers=spec.num_workers if resume.workers is None else resume.workers)
     w = max(1, s.num_workers)
     seen: list[np.ndarray] = []
     for rank in range(resume.world):

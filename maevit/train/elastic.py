@@ -90,7 +90,8 @@ def map_position(resize: Resize, state: dict[str, Any]) -> Any:
         return None
     offset = batch * resize.world // resize.new_world  # exact: checkpoints are at optimizer-step boundaries
     state["batch"] = offset
-    return ElasticResume(epoch=int(state.get("epoch", 0)), world=resize.world, batch=batch, offset=offset)
+    return ElasticResume(epoch=int(state.get("epoch", 0)), world=resize.world, batch=batch, offset=offset,
+                         workers=state.get("data_workers"))
 
 
 def resume_on(acc: Any, state: dict[str, Any], resize: Resize | None, loader: Any) -> None:

@@ -337,7 +337,8 @@ class Loop:
             return
         self.confirmed_at = self.saved_at  # healthy since it was written
         self.state.update(step=self.step, epoch=self.epoch, batch=self.batch,
-                          accum_steps=self.acc.gradient_accumulation_steps,
+                          accum_steps=self.acc.gradient_accumulation_steps,  # (with data_workers: what
+                          data_workers=getattr(self.s.loader, "num_workers", None),  # an elastic resume replays)
                           nonfinite_steps=int(self.guard.bad_total.item()), skipped=self.skips.totals(),
                           model=self.s.header, metrics_rows=self.metrics.rows)  # (the main process writes it)
         for hook in self.s.hooks:
