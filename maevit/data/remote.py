@@ -23,8 +23,10 @@ the last good byte and its ``error`` (a ``RemoteReadError``) names the (redacted
 the tries and the last cause: the tar reader counts the samples it did not get as
 ``unreadable_shard``, exactly as for a local tar truncated at that byte.
 
-Printed URLs go through :func:`redact`: ``user:password@`` and query values (signed-URL
-tokens) are replaced by ``***``.
+Credentials never travel in maevit's URLs: the sources refuse a URL that holds them
+(:func:`holds_credentials`: ``user:password@``, a token / signature / key in the query),
+since the run's ``config.yaml`` would keep it; printed URLs go through :func:`redact`
+(``user:password@`` and every query value become ``***``).
 """
 from __future__ import annotations
 

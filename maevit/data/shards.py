@@ -180,7 +180,8 @@ def write_shards(
 
     Args:
         src: image folder (recursive), class-per-folder tree, or "bundled[:split]".
-        out_dir: output directory (created).
+        out_dir: output directory (created), or an fsspec URL prefix (``s3://bucket/prefix``): written in a
+            local staging folder, then uploaded, ``dataset.json`` last.
         samples_per_shard: most samples per shard.
         max_bytes: most bytes per shard (approximate, tar headers included), or None.
         resize_shorter: resize so the shorter side is this many pixels (never upscales), or None.
@@ -461,7 +462,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write", help="turn an image folder / class tree / bundled data into shards")
     w.add_argument("src", help="image folder (recursive), class-per-folder tree, or bundled[:train|val]")
-    w.add_argument("out_dir")
+    w.add_argument("out_dir", help="output folder, or an object-store prefix (s3://bucket/prefix, gs://..., any "
+                                   "fsspec URL: staged locally, uploaded, dataset.json last)")
     w.add_argument("--samples-per-shard", type=ranged(int, Range(1)), default=1000)
     w.add_argument("--max-bytes", type=ranged(int, Range(1)), default=None, help="most bytes per shard")
     w.add_argument("--resize-shorter", type=ranged(int, Range(1)), default=None,
