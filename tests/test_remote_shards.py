@@ -217,6 +217,10 @@ def test_shards_write_to_an_object_store_and_stream_back(shards, memory_store, c
     # a second write to the same prefix is refused, --overwrite replaces it
     assert shards_main(["write", str(images), url, "--samples-per-shard", "8", "--no-progress"]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
+    assert shards_main(["write", str(images), url, "--samples-per-shard", "16", "--no-progress", "--overwrite"]) == 0
+    assert len(fs.ls("/maevit-test/ds")) == 3 + 1  # 3 shards of 16 + dataset.json: none of the 6 old shards left
+    assert shards_main(["write", str(images), url, "--samples-per-shard", "8", "--no-progress", "--overwrite"]) == 0
+    capsys.readouterr()
     local, _ = _pretrain(str(shards))
     got, stats = _pretrain(f"{url}/dataset.json")
     assert not any(stats.values())

@@ -232,6 +232,10 @@ def _write_remote(src: str, url: str, *, overwrite: bool, **options: Any) -> dic
             fs.rm_file(f"{path.rstrip('/')}/{INDEX_NAME}")  # first: a half-replaced prefix must not read as a dataset
         for shard in index["shards"]:
             remote.upload(os.path.join(stage, shard["name"]), f"{base}/{shard['name']}")
+        names = {s["name"] for s in index["shards"]}
+        for stale in fs.glob(f"{path.rstrip('/')}/{options.get('prefix', 'shard')}-*.tar"):  # (--overwrite)
+            if stale.rsplit("/", 1)[-1] not in names:
+                fs.rm_file(stale)
         remote.upload(os.path.join(stage, INDEX_NAME), f"{base}/{INDEX_NAME}")  # last: now it is a dataset
     return index
 
