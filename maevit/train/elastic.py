@@ -53,7 +53,9 @@ def plan_resize(cfg: Any) -> Resize | None:
     # what the launcher set (torchrun / accelerate launch / MPI): the Accelerator is not made yet, and an early
     # PartialState() would fix the process group before the command's Accelerator chooses CPU or GPU
     new_world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
-    world = int(state.get("num_processes", 1))
+    if "num_processes" not in state:  # (not written by save_checkpoint)
+        return None
+    world = int(state["num_processes"])
     if world == new_world:
         return None
     accum = int(state.get("accum_steps", cfg.optim.accum_steps))
