@@ -12,7 +12,7 @@ os.environ["MAEVIT_CPU_BF16"] = "0"
 
 # The test extras of pyproject.toml: a missing one is an error, never a silent skip of the tests
 # that need it (the HF parity tests would otherwise vanish and let model bugs through).
-TEST_DEPENDENCIES = ("transformers", "tensorboard")
+TEST_DEPENDENCIES = ("transformers", "tensorboard", "s3fs", "moto", "flask_cors")
 
 
 def pytest_configure(config):

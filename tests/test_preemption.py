@@ -22,9 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # as the reference runs: one thread
 
 
-def _run_until_step(args, run_dir, sig, *, group: bool, at_step: int = 3):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "maevit.cli", *args, f"run.dir={run_dir}"], cwd=REPO, env=env,
+def _run_until_step(args, run_dir, sig, *, group: bool, at_step: int = 3, launcher=None, env=None):
+    """Run `maevit ARGS run.dir=RUN_DIR` (or ``launcher + ARGS ...``), send ``sig`` when step ``at_step`` is logged
+    (to the whole process group with ``group``); returns (exit code, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [*(launcher or [sys.executable, "-m", "maevit.cli"]), *args, f"run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     seen = []
     try:

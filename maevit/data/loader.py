@@ -47,7 +47,7 @@ class StreamLoader:
     Attributes:
         num_samples: samples in the source (after `label_fraction`), all ranks together.
         class_names: class names (labeled sources) or None.
-        batch_size, rank, world_size, epoch.
+        batch_size, rank, world_size, num_workers, epoch.
     """
 
     def __init__(self, spec: _Spec, source: Source, *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
@@ -67,6 +67,7 @@ class StreamLoader:
         self.class_names = source.class_names
         self.num_samples = source.num_samples
         self.batch_size, self.rank, self.world_size = spec.batch_size, spec.rank, spec.world_size
+        self.num_workers = spec.num_workers  # (part of the data layout an elastic resume replays)
         self._skipped = dict.fromkeys(STAT_KEYS, 0)
         self._position = 0  # batches yielded in the current epoch (state_dict)
 
@@ -91,6 +92,12 @@ class StreamLoader:
         if n < 0:
             raise ValueError(f"skip_batches(n) needs n >= 0, got {n}.")
         self._spec.start_batch = int(n)
+
+    def set_elastic(self, resume: Any) -> None:
+        """Stream the rest of epoch ``resume.epoch`` without the samples a run on ``resume.world`` processes
+        had seen (an :class:`~maevit.data.elastic.ElasticResume`; see that module). Batch positions of that
+        epoch stay in this loader's units (``resume.offset`` is where the rest starts)."""
+        self._spec.elastic = resume
 
     def state_dict(self) -> dict[str, int]:
         """Position to resume from: `{"epoch", "batch"}` (batches already yielded this epoch)."""

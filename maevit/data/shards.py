@@ -46,7 +46,7 @@ from maevit.config import Range, ranged
 from maevit.dirlock import DirLockedError, lock_dir, unlock_dir
 from maevit.fileio import atomic_write, publish, temporary_path
 
-from . import bundled as _bundled
+from . import bundled as _bundled, remote
 from .sources import INCOMPLETE_NAME, INDEX_NAME, Source, _scan_tar, folder_source, read_index, resolve_source
 from .tars import _Errors, _has_image, _image_of, _read_unit, _where
 from .transforms import DEFAULT_MAX_PIXELS, ImageTooLargeError, check_pixels, to_rgb
@@ -180,7 +180,8 @@ def write_shards(
 
     Args:
         src: image folder (recursive), class-per-folder tree, or "bundled[:split]".
-        out_dir: output directory (created).
+        out_dir: output directory (created), or an fsspec URL prefix (``s3://bucket/prefix``): written in a
+            local staging folder, then uploaded, ``dataset.json`` last.
         samples_per_shard: most samples per shard.
         max_bytes: most bytes per shard (approximate, tar headers included), or None.
         resize_shorter: resize so the shorter side is this many pixels (never upscales), or None.
@@ -194,6 +195,10 @@ def write_shards(
     Returns:
         The index written to `out_dir/dataset.json`.
     """
+    if remote.is_remote(str(out_dir)):
+        return _write_remote(src, str(out_dir), overwrite=overwrite, samples_per_shard=samples_per_shard,
+                             max_bytes=max_bytes, resize_shorter=resize_shorter, quality=quality, workers=workers,
+                             prefix=prefix, shuffle_seed=shuffle_seed, progress=progress)
     items, classes, src_desc = _items(src)
     out = Path(out_dir)
     try:
@@ -206,6 +211,33 @@ def write_shards(
                              quality, workers, prefix, overwrite, shuffle_seed, progress)
     finally:
         unlock_dir(out)
+
+
+def _write_remote(src: str, url: str, *, overwrite: bool, **options: Any) -> dict[str, Any]:
+    """`write_shards` to an object store (any fsspec URL): write the shards in a local staging folder
+    (``$TMPDIR``: it must hold the whole dataset), upload them, then upload ``dataset.json`` last, so
+    the prefix reads as a dataset only when every shard is there. Each upload is one PUT (an object
+    appears whole or not at all); an interrupted write leaves shards without an index, which the
+    loaders refuse, and is redone from the start."""
+    import tempfile
+
+    fs, path = remote._filesystem(url)
+    base = url.rstrip("/")
+    if fs.exists(f"{path.rstrip('/')}/{INDEX_NAME}") and not overwrite:
+        raise FileExistsError(f"{remote.redact(base)} already holds a dataset ({INDEX_NAME}); pass --overwrite to "
+                              f"replace it, or choose another prefix.")
+    with tempfile.TemporaryDirectory(prefix="maevit-shards-") as stage:
+        index = write_shards(src, stage, overwrite=True, **options)
+        if overwrite and fs.exists(f"{path.rstrip('/')}/{INDEX_NAME}"):
+            fs.rm_file(f"{path.rstrip('/')}/{INDEX_NAME}")  # first: a half-replaced prefix must not read as a dataset
+        for shard in index["shards"]:
+            remote.upload(os.path.join(stage, shard["name"]), f"{base}/{shard['name']}")
+        names = {s["name"] for s in index["shards"]}
+        for stale in fs.glob(f"{path.rstrip('/')}/{options.get('prefix', 'shard')}-*.tar"):  # (--overwrite)
+            if stale.rsplit("/", 1)[-1] not in names:
+                fs.rm_file(stale)
+        remote.upload(os.path.join(stage, INDEX_NAME), f"{base}/{INDEX_NAME}")  # last: now it is a dataset
+    return index
 
 
 def _write_locked(items, classes, src, src_desc, out: Path, samples_per_shard, max_bytes, resize_shorter, quality,
@@ -434,7 +466,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write", help="turn an image folder / class tree / bundled data into shards")
     w.add_argument("src", help="image folder (recursive), class-per-folder tree, or bundled[:train|val]")
-    w.add_argument("out_dir")
+    w.add_argument("out_dir", help="output folder, or an object-store prefix (s3://bucket/prefix, gs://..., any "
+                                   "fsspec URL: staged locally, uploaded, dataset.json last)")
     w.add_argument("--samples-per-shard", type=ranged(int, Range(1)), default=1000)
     w.add_argument("--max-bytes", type=ranged(int, Range(1)), default=None, help="most bytes per shard")
     w.add_argument("--resize-shorter", type=ranged(int, Range(1)), default=None,
@@ -493,6 +526,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report["errors"].items() if v)
         print(f"{report['samples']} samples OK, {sum(report['errors'].values())} bad" + (f" ({kinds})" if kinds else ""))
         return 1 if report["bad"] else 0
-    except (FileExistsError, FileNotFoundError, ValueError) as exn:
+    except (FileExistsError, FileNotFoundError, ValueError, remote.RemoteReadError) as exn:
         print(f"maevit shards {args.cmd}: {exn}", file=sys.stderr)
         return 2

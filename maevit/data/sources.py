@@ -14,6 +14,7 @@ from typing import Any
 
 
 from . import bundled as _bundled, sample as _sample
+from .remote import holds_credentials, is_remote, read_bytes, redact
 from .transforms import IMAGE_EXTS
 
 log = logging.getLogger("maevit.data.stream")  # the name the warnings have always had
@@ -80,6 +81,13 @@ def _check_url(url: str, allow_pipe: bool) -> None:
             f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands. If you trust it, pass "
             f"allow_pipe=True (config: data.allow_pipe=true)."
         )
+    if is_remote(url) and holds_credentials(url):
+        raise DataSourceError(
+            f"refusing shard URL {redact(url)!r}: it holds credentials (a user name / password or a token / signature "
+            f"in the query), which would be saved in the run's config and logs. Give them to the storage back-end "
+            f"instead (its usual environment variables or config file: ~/.aws/credentials, "
+            f"GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*, HF_TOKEN, ...) and drop them from the URL."
+        )
 
 
 def _is_local(url: str) -> bool:
@@ -137,13 +145,15 @@ def folder_source(folder: str | os.PathLike) -> Source:
 
 
 def read_index(path_or_url: str) -> dict[str, Any]:
-    """Load a `dataset.json` index (local path or URL)."""
+    """Load a `dataset.json` index (local path, or any URL :mod:`~maevit.data.remote` reads)."""
     if _is_local(path_or_url):
         return json.loads(Path(path_or_url).read_text())
-    import webdataset as wds
-
-    with wds.gopen(path_or_url, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
+    try:
+        return json.loads(read_bytes(path_or_url).decode("utf-8"))
+    except (OSError, ValueError) as exn:
+        raise DataSourceError(f"cannot read the shard index {redact(path_or_url)}: {redact(str(exn))}. Check the "
+                              f"URL, the network and the storage credentials (from the back-end's usual "
+                              f"environment / config, never from maevit's config).") from None
 
 
 def check_complete(folder: str | os.PathLike) -> None:
@@ -179,13 +189,14 @@ def check_complete(folder: str | os.PathLike) -> None:
 def _index_source(index_url: str, allow_pipe: bool) -> Source:
     _check_url(index_url, allow_pipe)
     index = read_index(index_url)
-    base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
+    path = index_url.split("?", 1)[0] if is_remote(index_url) else index_url  # shards get no query of the index
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
     units = []
     for s in index["shards"]:
         url = s["url"] if "url" in s else f"{base}/{s['name']}"
         _check_url(url, allow_pipe)
         units.append(Unit(url, int(s["count"])))
-    return Source(units, index.get("classes"), f"shard index {index_url}", indexed=True)
+    return Source(units, index.get("classes"), f"shard index {redact(index_url)}", indexed=True)
 
 
 def count_tar_samples(url: str) -> int:
@@ -273,8 +284,10 @@ def resolve_source(source: Any, *, allow_pipe: bool = False, need_counts: bool =
         return _shard_list_source(urls, allow_pipe, need_counts)
     src = str(source)
     _check_url(src, allow_pipe)
-    if src.endswith(".json"):
+    if (src.split("?", 1)[0] if is_remote(src) else src).endswith(".json"):
         return _index_source(src, allow_pipe)
+    if is_remote(src) and not src.split("?", 1)[0].endswith(".tar") and not any(c in src for c in "{*"):
+        return _index_source(f"{src.rstrip('/')}/{INDEX_NAME}", allow_pipe)  # a remote shard folder (prefix)
     p = Path(src)
     if _is_local(src) and p.is_file():
         _refuse_single_file(p)

@@ -80,6 +80,9 @@ class _Spec:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     counts: list[int] = field(default_factory=list)
     label_map: tuple[int, ...] | None = None  # data label -> model label (matched by class name)
+    elastic: Any = None  # an elastic.ElasticResume: the rest of that epoch, without what another layout saw
+    n_batches: int | None = None  # batches per rank, when not from the counts (the rest of an epoch)
+    permute: bool = True  # permute the units from (seed, epoch) (the rest of an epoch is already in order)
 
     def __post_init__(self) -> None:
         self.counts = [u.count for u in self.units]
@@ -88,6 +91,8 @@ class _Spec:
 def batches_per_rank(spec: _Spec, rank: int | None = None) -> int:
     """Batches one rank yields per epoch (identical on all ranks except in eval mode)."""
     total, world, b = sum(spec.counts), spec.world_size, spec.batch_size
+    if spec.n_batches is not None:
+        return spec.n_batches
     if spec.mode == "eval":
         r = spec.rank if rank is None else rank
         n = (r + 1) * total // world - r * total // world
@@ -122,6 +127,13 @@ class _StreamDataset(IterableDataset):
         else:
             rank_start = s.rank * n * b
         return rank_start + sum(sizes[:lw]), sizes[lw]
+
+    @staticmethod
+    def _order(s: _Spec) -> list[int]:
+        """The units in the order of this epoch's virtual sequence."""
+        if s.mode == "eval" or not s.permute:
+            return list(range(len(s.units)))
+        return [int(i) for i in _rng(s.seed, s.epoch, 0xE90C).permutation(len(s.units))]
 
     def _exact_source(self, order: list[int], lw: int, errors: _Errors) -> Iterator[dict[str, Any]]:
         s = self.spec
@@ -194,6 +206,10 @@ class _StreamDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         s = self.spec
+        if s.elastic is not None and s.elastic.epoch == s.epoch and s.mode == "exact":
+            from .elastic import rest_of_epoch  # resumed on another number of processes inside this epoch
+
+            s = self.spec = rest_of_epoch(s, self._order(s))
         info = get_worker_info()
         w = max(1, s.num_workers)
         phys = info.id if info is not None else 0
@@ -208,11 +224,7 @@ class _StreamDataset(IterableDataset):
         if s.mode == "resampled":
             raw = self._resampled_source(lw, errors)
         else:
-            if s.mode == "eval":
-                order = list(range(len(s.units)))
-            else:
-                order = [int(i) for i in _rng(s.seed, s.epoch, 0xE90C).permutation(len(s.units))]
-            raw = self._exact_source(order, lw, errors)
+            raw = self._exact_source(self._order(s), lw, errors)
         if s.mode != "eval" and s.shuffle_buffer > 1:
             import webdataset as wds
 

@@ -12,9 +12,13 @@ a glob, a list of shards / URLs, a plain image folder (unlabeled, or one
 sub-folder per class), "bundled[:train|val]" (procedural shapes) or
 "sample[:train|val]" (the CIFAR-10 photos shipped in the package, `data/sample.py`).
 
-What webdataset gives us and we use: URL expansion (braces, `::`), `gopen`
-(local files, http(s) via curl, ...), tar member iteration and grouping of
-members into samples, and the shuffle buffer. What we write by hand, and why:
+What webdataset gives us and we use: URL expansion (braces, `::`), tar member
+iteration and grouping of members into samples, the shuffle buffer, and `gopen`
+for `pipe:` URLs only. Remote shards (`s3://`, `gs://`, `az://`, `hf://`,
+`http(s)://`, `memory://`, ...) are read by :mod:`~maevit.data.remote` (fsspec,
+and a stdlib HTTP reader with Range-resume) with bounded read-ahead, timeouts and
+retries; a shard that stays unreachable is counted like a truncated local tar.
+What we write by hand, and why:
 
 * **The exact-epoch split.** webdataset splits whole shards by node and worker,
   so ranks get different sample counts (DDP hangs when one rank stops early)

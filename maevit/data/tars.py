@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 
+from .remote import open_stream, redact
 from .transforms import IMAGE_EXTS
 
 from .sources import INDEX_NAME, STAT_KEYS, TEXT_EXTS, Unit
@@ -63,6 +64,7 @@ class _Errors:
 
     def note(self, kind: str, what: str) -> None:
         """Log a problem (rate-limited) without counting a sample."""
+        what = redact(what)  # shard URLs may carry user:password@ or signed query tokens
         if self._collect is not None:
             self._collect.append(f"{what} [{kind}]")
             return
@@ -118,7 +120,6 @@ def _read_tar(
     skipping costs no decoding and nothing else (pickles, tensors) is ever read.
     Each sample carries `__pos__`, its position in the tar.
     """
-    import webdataset as wds
     from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
     if unit.select is not None:
@@ -162,7 +163,7 @@ def _read_tar(
             state["error"] = f"{type(exn).__name__}: {exn}"
 
     try:
-        stream = wds.gopen(unit.url, "rb")
+        stream = open_stream(unit.url)
     except Exception as exn:
         state["error"] = f"{type(exn).__name__}: {exn}"
     else:
@@ -173,6 +174,8 @@ def _read_tar(
                 if pos in failed:
                     sample["__bad__"] = failed[pos]
                 yield sample
+        if getattr(stream, "error", None) is not None:  # a remote shard that stayed unreachable: the real cause
+            state["error"] = str(stream.error)
     # The tar has ended (not the consumer): account for the samples of the range that never came out.
     # Samples cut by the damage that ended the tar count with the samples after it: one message per shard.
     lost = []

@@ -38,7 +38,7 @@ from torch import nn
 
 from maevit.config import ConfigError
 from maevit.models.weights import save_weights
-from maevit.train import runs
+from maevit.train import elastic, runs
 from maevit.train.curves import save_run_curves
 from maevit.train.inputs import batches_from
 from maevit.train.metrics import MetricsLogger, SkipTally
@@ -230,7 +230,7 @@ class Loop:
         acc / run / model / metrics: the accelerator, run directory, prepared model, metrics log.
     """
 
-    def __init__(self, task: Task, s: Setup, ckpt: Path | None) -> None:
+    def __init__(self, task: Task, s: Setup, ckpt: Path | None, resize: elastic.Resize | None = None) -> None:
         self.task, self.s, self.policy = task, s, s.policy or Policy.of(task.cfg.run)
         self.acc, self.run, self.model = s.acc, s.run, s.model
         self.resumed_from = ckpt
@@ -239,6 +239,8 @@ class Loop:
         if ckpt is not None:
             self.state.update(runs.load_checkpoint(self.acc, ckpt, generators=s.generators or None,
                                                    verified=True))  # open_run checked its digests
+        if ckpt is not None:  # on another number of processes: the same effective batch, the data position mapped
+            elastic.resume_on(self.acc, self.state, resize, s.loader)
         self.step, self.epoch, self.batch = self.state["step"], self.state["epoch"], self.state["batch"]
         self.skips = SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
         self.metrics = MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,
@@ -337,6 +339,8 @@ class Loop:
             return
         self.confirmed_at = self.saved_at  # healthy since it was written
         self.state.update(step=self.step, epoch=self.epoch, batch=self.batch,
+                          accum_steps=self.acc.gradient_accumulation_steps,  # (with data_workers: what
+                          data_workers=getattr(self.s.loader, "num_workers", None),  # an elastic resume replays)
                           nonfinite_steps=int(self.guard.bad_total.item()), skipped=self.skips.totals(),
                           model=self.s.header, metrics_rows=self.metrics.rows)  # (the main process writes it)
         for hook in self.s.hooks:
@@ -447,6 +451,9 @@ def fit(task: Task) -> dict[str, Any]:
             checkpoint cannot be resumed.
     """
     cfg = task.cfg = task.resolve(task.cfg)
+    resize = elastic.plan_resize(cfg)  # resumed on another number of processes: keep the effective batch
+    if resize is not None:
+        cfg.optim.accum_steps = resize.new_accum
     acc, model = task.build()  # nothing written yet: a bad name, size or source changes no files
     runs.check_resumable(cfg.run.dir, model, cfg, cfg.run.fresh)
     run, ckpt = runs.open_run(cfg.run.dir, acc, cfg, fresh=cfg.run.fresh)
@@ -455,7 +462,7 @@ def fit(task: Task) -> dict[str, Any]:
     except ConfigError:  # a tracker that cannot start: a usage error, and the run directory is free again
         run.unlock()
         raise
-    loop = Loop(task, task.start(run), ckpt)
+    loop = Loop(task, task.start(run), ckpt, resize)
     try:
         loop.run_all()
     finally:

@@ -689,8 +689,8 @@ def load_checkpoint(
     Call after ``accelerator.prepare``. Restores model, optimizer, prepared
     schedulers, scaler, Accelerate's accumulation counter, this rank's RNGs and
     ``generators``. With a different number of processes than at save time the
-    weights and optimizer still load, but RNG streams cannot continue exactly
-    (logged as a warning).
+    weights and optimizer still load (the loop keeps the effective batch and maps the
+    data position: :mod:`maevit.train.elastic`), but RNG streams cannot continue exactly.
 
     Files are loaded without running code (safetensors, ``torch.load(weights_only=True)``).
     A refused or missing RNG state of this rank is not fatal: weights, optimizer and data
@@ -714,14 +714,7 @@ def load_checkpoint(
             f"one, or restore a good copy of the file.")
     state = json.loads((ckpt / STATE_FILE).read_text())
     state.pop("files", None)
-    rank = accelerator.process_index
-    saved_procs = state.get("num_processes", accelerator.num_processes)
-    if saved_procs != accelerator.num_processes:
-        logger.warning(
-            "checkpoint %s was written by %d processes, resuming with %d: weights and optimizer load, "
-            "but random streams and the data position differ from an uninterrupted run",
-            ckpt, saved_procs, accelerator.num_processes,
-        )
+    rank = accelerator.process_index  # (another number of processes: maevit.train.elastic keeps the run the same)
     rng_problem = _check_rng_state(ckpt / f"random_states_{rank}.pkl")
     try:
         accelerator.load_state(str(ckpt))  # loads with weights_only=True (Accelerate's `load`)
