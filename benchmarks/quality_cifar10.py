@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decoder", default="128,2,4", help="MAE decoder width,depth,heads")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="comma list of stages to run: pretrain,ft,ft10,probe,knn")
+    p.add_argument("--probe-pool", choices=("token", "avg"), default="token",
+                   help="what the linear probe reads: the class token (MAE's protocol) or the mean of the patch "
+                        "tokens; results of avg are stored as probe_*_avg")
     p.add_argument("--seed", type=int, default=0, help="run.seed of every stage (init, data order, masks)")
     p.add_argument("--mask-ratio", type=float, default=None, help="pretraining mask ratio (default: the model's)")
     p.add_argument("--layer-decay", type=float, default=None,
@@ -162,14 +165,16 @@ def main(argv: list[str] | None = None) -> dict:
         save(name, dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
 
     for enc_name, src in (("mae", enc_path), ("random", None)):
-        if "probe" in stages and f"probe_{enc_name}" not in results:
+        probe_key = f"probe_{enc_name}" + ("" if a.probe_pool == "token" else "_avg")
+        if "probe" in stages and probe_key not in results:
             t = time.time()
             res = probe(make_config(
-                ProbeConfig, model=dict(pretrained=str(src), img_size=a.img_size) if src else arch,
+                ProbeConfig, model=dict(pretrained=str(src), img_size=a.img_size, global_pool=a.probe_pool) if src
+                else dict(arch, global_pool=a.probe_pool),
                 data=dict(train=str(train), val=str(test), batch_size=256, num_workers=a.workers),
                 optim=dict(epochs=a.probe_epochs, warmup_epochs=5),
-                run=dict(dir=str(out / ("probe_" + enc_name)), seed=a.seed, precision="fp32")))
-            save(f"probe_{enc_name}", dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
+                run=dict(dir=str(out / probe_key), seed=a.seed, precision="fp32")))
+            save(probe_key, dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
         for pool in ("token", "avg"):
             key = f"knn_{enc_name}" + ("" if pool == "token" else "_avg")
             if "knn" not in stages or key in results:

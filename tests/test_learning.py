@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from maevit.config import fill_unset, load_config
 from maevit.models import create_mae, family_defaults, list_models, model_info
-from maevit.train.knn import encoder_features
+from maevit.train.knn import encoder_features, patch_features
 from maevit.train.pretrain import PretrainConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "pretrain"
@@ -70,10 +70,16 @@ def _images(split: str, img_size: int, n: int) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
+POOL = "avg"  # what the probe reads: "avg" (mean of the patch tokens) or "token" (the head's pooling)
+
+
 @torch.no_grad()
 def _features(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     encoder.eval()
-    feats = [encoder_features(encoder, b) for b in x.split(250)]  # the probe's features (class token or mean)
+    if POOL == "avg":  # the mean of the last feature map: what MAE trains (the class token learns late)
+        feats = [patch_features(encoder, b).mean((1, 2)) for b in x.split(250)]
+    else:
+        feats = [encoder_features(encoder, b) for b in x.split(250)]  # the class token (or the family's mean)
     return torch.cat(feats)  # [N, D]
 
 
@@ -163,7 +169,9 @@ if __name__ == "__main__":  # the measurement behind the margins
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--families", nargs="*", default=None)
     p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--pool", choices=("avg", "token"), default=POOL)
     a = p.parse_args()
+    POOL = a.pool
     torch.set_num_threads(1)
     print("| family | seed | held-out loss start -> end (drop) | probe random -> MAE (gain) | seconds |")
     print("|---|---|---|---|---|")
