@@ -43,6 +43,9 @@ CASES = [
     ("finetune", FT, "data.train=tree/ant", "run.dir=r4", "pass the folder above it"),
     ("finetune", FT, "data.train=tree/ant/0.jpg", "run.dir=r5", "is a single image"),
     ("finetune", FT, "data.train=tree", "data.val=tree.tar.gz", "is a compressed archive"),
+    # a width the heads do not divide: timm checks it with an assert, which must not read as a bug
+    ("pretrain", TINY, "data.train=tree", "model.embed_dim=32", "dim should be divisible by num_heads"),
+    ("finetune", TINY, "data.train=tree", "model.args={embed_dim: 32, depth: 1}", "dim should be divisible by num_heads"),
 ]
 
 

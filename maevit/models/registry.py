@@ -20,6 +20,7 @@ from a file alone (``create_encoder(model_name, **build_args)``).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import inspect
@@ -258,9 +259,24 @@ def create_encoder(name: str, **overrides: Any) -> nn.Module:
             ``depth``, ``pos_encoding``, ...); unknown ones are errors naming close matches.
     """
     entry = model_info(name)
-    encoder = entry.fn(**overrides)
+    with _argument_checks(name, overrides):
+        encoder = entry.fn(**overrides)
     encoder.model_name = name
     return encoder
+
+
+@contextlib.contextmanager
+def _argument_checks(name: str, args: Mapping[str, Any]):
+    """timm's blocks check their arguments with ``assert`` (``dim should be divisible by num_heads``):
+    at construction such a failure is a size that does not fit, a usage error with the values, not a bug."""
+    try:
+        yield
+    except AssertionError as e:
+        given = " ".join(f"{k}={v!r}" for k, v in args.items()) or "its registered sizes"
+        raise ModelArgumentError(
+            f"cannot build {name} with {given}: {e or 'a size check failed'} (widths must be divisible by the "
+            "number of heads, image sizes by the patch size and strides; `maevit models NAME` shows the sizes)"
+        ) from None
 
 
 def create_mae(
@@ -302,14 +318,15 @@ def create_mae(
     except ModelArgumentError as e:
         raise ModelArgumentError(f"{e} (create_mae also takes {', '.join(MAE_ARGS)})") from None
     d = entry.decoder
-    model = MaskedAutoencoder(
-        encoder,
-        decoder_embed_dim=mae_args.get("decoder_embed_dim", d.embed_dim),
-        decoder_depth=mae_args.get("decoder_depth", d.depth),
-        decoder_num_heads=mae_args.get("decoder_num_heads", d.num_heads),
-        norm_pix_loss=mae_args.get("norm_pix_loss", entry.defaults("pretrain")["norm_pix_loss"]),
-        mask_ratio=mae_args.get("mask_ratio", entry.defaults("pretrain")["mask_ratio"]),
-    )
+    with _argument_checks(name, {**args, **mae_args}):
+        model = MaskedAutoencoder(
+            encoder,
+            decoder_embed_dim=mae_args.get("decoder_embed_dim", d.embed_dim),
+            decoder_depth=mae_args.get("decoder_depth", d.depth),
+            decoder_num_heads=mae_args.get("decoder_num_heads", d.num_heads),
+            norm_pix_loss=mae_args.get("norm_pix_loss", entry.defaults("pretrain")["norm_pix_loss"]),
+            mask_ratio=mae_args.get("mask_ratio", entry.defaults("pretrain")["mask_ratio"]),
+        )
     if checkpoint is not None:
         weights.load_mae_weights(model, checkpoint)
     return model
