@@ -29,8 +29,8 @@ def load(path: str | os.PathLike, *, model: str | None = None) -> nn.Module:
         path: a pretraining run directory or one of its checkpoints (-> the ``MaskedAutoencoder``;
             ``out = mae(images)``, ``mae.encoder``); ``encoder.safetensors`` or ``maevit export``'s file
             (-> the encoder: ``forward_features`` gives the tokens, calling it the pooled features:
-            the class token after the final norm where the family has one, as ``maevit probe`` / kNN
-            read it); a fine-tuning run directory or ``classifier.safetensors`` (-> the classifier:
+            the class token after the final norm where the family has one, as the kNN probe and
+            ``maevit embed`` read it; ``maevit probe`` reads the mean of the patch tokens by default); a fine-tuning run directory or ``classifier.safetensors`` (-> the classifier:
             logits); a probe run directory or ``probe_head.safetensors`` (-> the frozen encoder + the
             probe's head: logits; its encoder is the probe's ``model.pretrained``).
         model: a registered model name (``maevit models``) for weights that do not name their
@@ -71,7 +71,7 @@ def _mae(path, name, header) -> tuple[nn.Module, dict]:
 def _encoder(path, name, header) -> tuple[nn.Module, dict]:
     from maevit.models import create_classifier
 
-    # the probe's and kNN's pooling: the class token after the pretrained norm ('avg' would replace that
+    # kNN's and embed's pooling: the class token after the pretrained norm ('avg' would replace that
     # norm by a fresh fc_norm); families without a class token average
     return create_classifier(name, 0, pretrained=path, global_pool="token"), header
 

@@ -6,13 +6,14 @@ import sys
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 import maevit
 from maevit.config import load_config
 from maevit.data.bundled import CLASSES
-from maevit.models import CheckpointError, MaskedAutoencoder, ModelArgumentError
+from maevit.models import CheckpointError, MaskedAutoencoder, ModelArgumentError, create_classifier
 from maevit.models.weights import find_weights_file, read_header, read_state_dict
 from tests.tiny_runs import TINY_PRETRAIN
 
@@ -99,7 +100,8 @@ def test_a_probe_loads_as_its_encoder_and_head(runs, tmp_path):
         assert probe.pretrained_cfg["kind"] == "probe_head" and probe.pretrained_cfg["num_classes"] == 10
         assert probe.pretrained_cfg["mean"] == pytest.approx(MEAN)
         head = load_file(pr / "probe_head.safetensors")
-        enc = maevit.load(pt / "encoder.safetensors")
+        pool = yaml.safe_load((pr / "config.yaml").read_text())["model"]["global_pool"]  # what the probe read
+        enc = create_classifier(None, 0, pretrained=pt / "encoder.safetensors", global_pool=pool).eval()
         x = _images()
         with torch.no_grad():
             f = enc(x)
