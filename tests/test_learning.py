@@ -14,7 +14,9 @@ photos must
 What this budget does *not* show: a probe on the pretrained features beating the same probe on
 the random init. Measured over seeds at 40 steps (and at 200 for DeiT and the hybrid) the
 pretrained features score 1-15 points *below* random init in every family: the first thousands
-of images of MAE make the features worse for a probe before they make them better (BENCHMARKS.md,
+of images of MAE make the features worse for a probe before they make them better (the probe reads the
+mean of the patch tokens, as ``maevit probe`` now does; with it, vit / deit / hybrid at 40 steps are still
+0.8-10.6 points below random init over 3 seeds) (BENCHMARKS.md,
 "Learning test"; the plain ViT's kNN needs ~400 steps of 128 images to pass random init). A test
 of that needs minutes of pretraining per family, which benchmarks/family_gains.py measures.
 
