@@ -380,7 +380,10 @@ def apply_seeded(transform: Callable[[Any], torch.Tensor], img: Any, seed: int) 
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed)  # timm's RandAugment picks its ops with np.random
-        torch.manual_seed(seed)
+        # the CPU generator only (what fork_rng(devices=[]) restores): torch.manual_seed would also seed
+        # every accelerator backend, and on a CUDA build without a GPU each call queues a formatted stack
+        # trace for a later lazy CUDA init (1.6 ms per image, and a list that grows for the whole run)
+        torch.default_generator.manual_seed(seed)
         try:
             return transform(img)
         finally:
