@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,8 @@ class Unit:
     """One shard (`kind="tar"`) or one image file (`kind="file"`).
 
     `count` is the number of samples taken from it; for a tar, `select` (sorted
-    sample positions inside the tar) restricts it to a subset (label_fraction).
+    sample positions inside the tar) restricts it to a subset (label_fraction), and
+    `cached` may hold those samples' raw members, read once (see `split.select_fraction`).
     """
 
     url: str
@@ -58,6 +59,7 @@ class Unit:
     label: int | None = None  # files of a class-per-folder tree
     key: str = ""  # files: relative path without extension
     select: tuple[int, ...] | None = None
+    cached: tuple[dict, ...] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
@@ -333,4 +334,34 @@ def select_fraction(source: Source, fraction: float, seed: int) -> Source:
         else:
             sel = tuple(sorted(keep[ui]))
             units.append(replace(unit, count=len(sel), select=sel))
-    return Source(units, source.class_names, f"{source.description} ({fraction:g} of labels, seed {seed})")
+    return Source(_read_once(units), source.class_names, f"{source.description} ({fraction:g} of labels, seed {seed})")
+
+
+SUBSET_CACHE_BYTES = 64 << 20  # local shards up to this size in all: a label subset is read once, then kept
+
+
+def _read_once(units: list[Unit]) -> list[Unit]:
+    """Keep the raw members of a label subset in memory when its local shards are small.
+
+    Each epoch of a subset would otherwise read every shard to the end (a tar, gzipped or not, is read in
+    order) to use a fraction of it: at 10% of the labels, nine tenths of the data loader's work (measured:
+    ~1.4 s per epoch of the demo's 7-step fine-tuning epochs, on the cores the model trains on). The members
+    are the same bytes, so the batches are too. A unit with any unreadable sample keeps streaming, so bad
+    samples are counted where they are met, as before.
+    """
+    tars = [u for u in units if u.kind == "tar"]
+    try:
+        size = sum(os.path.getsize(u.url) for u in tars)
+    except (OSError, ValueError):  # remote, or gone: stream as usual
+        return units
+    if not tars or size > SUBSET_CACHE_BYTES:
+        return units
+    out = []
+    for unit in units:
+        if unit.kind == "tar" and unit.select is not None:
+            samples = tuple(_read_unit(unit, 0, unit.count, _Errors(collect=[])))
+            whole = [s.get("__pos__") for s in samples] == list(unit.select) and all(
+                "__bad__" not in s and _image_of(s) is not None for s in samples)
+            unit = replace(unit, cached=samples) if whole else unit
+        out.append(unit)
+    return out

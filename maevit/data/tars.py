@@ -205,6 +205,10 @@ def _read_unit(
 
     `wanted(ext)` picks the members read from tars (default: images and text).
     """
+    if unit.cached is not None:  # a label-fraction subset read once (split.select_fraction)
+        for sample in unit.cached[max(start, 0):stop]:
+            yield {k: v for k, v in sample.items() if k.startswith("__") or wanted(k.lower())}
+        return
     if unit.kind == "file":
         if start > 0 or stop <= 0:
             return
