@@ -180,18 +180,19 @@ def _sync(device: torch.device) -> None:
 
 
 def build_runners(args: argparse.Namespace, name: str, device: torch.device, overrides: dict[str, Any],
-                  published: types.ModuleType | None) -> tuple[list[Runner], nn.Module]:
+                  published: types.ModuleType | None, peers: Any = ("hf", "published")) -> tuple[list[Runner], nn.Module]:
     torch.manual_seed(0)
     ours = create_mae(name, **overrides)
-    peers: dict[str, nn.Module] = {}
-    if "hf" in args.peers:
-        peers["hf_vitmae"] = hf_twin(ours, args.attn)
+    twins: dict[str, nn.Module] = {}
+    if "hf" in peers:
+        twins["hf_vitmae"] = hf_twin(ours, args.attn)
     if published is not None:
-        peers["published_mae"] = published_twin(published, ours)
+        twins["published_mae"] = published_twin(published, ours)
     ours.to(device).train()
-    runners = [Runner("maevit", ours, lambda x, n: ours(x, noise=n).loss, build_adamw(ours, 1.5e-4, 0.05),
-                      device, args.dtype)]
-    for peer_name, peer in peers.items():
+    # alone (another family's units): the model draws its own mask
+    fn = (lambda x, n: ours(x, noise=n).loss) if peers else (lambda x, n: ours(x).loss)
+    runners = [Runner("maevit", ours, fn, build_adamw(ours, 1.5e-4, 0.05), device, args.dtype)]
+    for peer_name, peer in twins.items():
         peer.to(device).train()
         params = [p for p in peer.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="a seconds-long CPU smoke run (tiny model, 1 round)")
+    p.add_argument("--maevit-only", nargs="*", default=[], metavar="MODEL",
+                   help="registered MAE models of other families (e.g. mae_swin_tiny), timed alone (no peer has them)")
     args = p.parse_args(argv)
     if args.tiny:
         args.models, args.device, args.dtype = ["tiny"], "cpu", "fp32"
@@ -261,21 +264,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("# published MAE code left out: pass --mae-code DIR (a checkout of facebookresearch/mae)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (and its peak) here
+    if device.type == "cpu":  # the machine's own yardsticks, both precisions, in this process
+        from maevit.train.precision import cpu_bf16_flags
+
+        rates = matmul_tflops(("fp32", "bf16"), n=256 if args.tiny else 1024, budget_s=0.05 if args.tiny else 0.5)
+        flags = cpu_bf16_flags()
+        print(f"# CPU matmul {'256' if args.tiny else '1024'}^2: fp32 {rates['fp32']:.4f} TFLOP/s, bf16 "
+              f"{rates['bf16']:.4f} TFLOP/s ({rates['bf16'] / rates['fp32']:.2f}x); bf16 units: "
+              f"{', '.join(flags) or 'none (bf16 is emulated)'}")
+        if args.dtype == "bf16" and not flags:
+            print("# bf16 skipped: this CPU has no bf16 units, a bf16 step would measure the emulation")
+            return {"device": "cpu", "dtype": "bf16", "skipped": "no bf16 units", "matmul_tflops": rates}
     peak, peak_src = peak_tflops(device, args.dtype)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"# {dev_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
           f"compile={args.compile}; peak {peak and round(peak, 4)} TFLOP/s ({peak_src})")
     results: dict[str, Any] = {"device": dev_name, "dtype": args.dtype, "peak_tflops": peak, "peak_source": peak_src,
                                "torch": torch.__version__, "compile": args.compile, "models": {}}
-    for size in args.models:
-        name = SIZES[size]
+    for size in [*args.models, *args.maevit_only]:
+        name = SIZES.get(size, size)
         overrides = dict(TINY) if args.tiny else {"img_size": args.img_size}
         for kv in args.model_args:
             key, _, value = kv.partition("=")
             overrides[key] = (value == "true" if value in ("true", "false")
                               else float(value) if "." in value else int(value))
         batch = args.batch_size or (32 if device.type == "cpu" else (256 if size in ("tiny", "small", "base") else 128))
-        runners, ours = build_runners(args, name, device, overrides, published)
+        alone = size in args.maevit_only
+        runners, ours = build_runners(args, name, device, overrides, None if alone else published,
+                                      peers=() if alone else args.peers)
         fpi = count_train_flops(ours, (ours.encoder.in_chans, *ours.encoder.patch_embed.img_size)).total
         gen = torch.Generator(device).manual_seed(0)
         h, w = ours.encoder.patch_embed.img_size

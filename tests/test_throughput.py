@@ -426,3 +426,26 @@ def test_finetune_and_probe_accept_auto(monkeypatch, tmp_path):
 def test_the_environment_can_keep_auto_at_fp32(monkeypatch):
     monkeypatch.setenv("MAEVIT_CPU_BF16", "0")
     assert cpu_bf16_flags() == []  # what the test suite sets: numbers never depend on a timing check
+
+
+def test_the_log_says_the_measured_bf16_ratio_and_warns_of_emulated_bf16(monkeypatch, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from maevit.train import perf
+
+    monkeypatch.setattr(perf, "cpu_matmul_tflops", lambda dtypes, **kw: {"fp32": 0.2, "bf16": 0.002})
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    run = SimpleNamespace(precision="auto", dir=tmp_path, fresh=True)
+    with caplog.at_level("INFO", logger="maevit.throughput"):
+        assert precision.resolve_run_precision(run) == "fp32"
+    assert "precision auto -> fp32" in caplog.text and "0.01x" in caplog.text  # advice, not the decision
+    caplog.clear()
+    run.precision = "bf16"  # asked for explicitly: kept, with a warning that says why it will be slow
+    with caplog.at_level("INFO", logger="maevit.throughput"):
+        assert precision.resolve_run_precision(run) == "bf16"
+    assert "emulated" in caplog.text and "0.01x" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16", "amx_bf16"])
+    with caplog.at_level("INFO", logger="maevit.throughput"):
+        precision.resolve_run_precision(run)
+    assert "emulated" not in caplog.text

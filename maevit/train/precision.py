@@ -209,9 +209,29 @@ def resolve_run_precision(run: Any) -> str:
     """``run.precision`` for this device: ``auto`` becomes bf16 or fp32 (logged with the reason; a resumed
     run keeps its recorded choice; rank 0 decides for all). See :func:`resolve_precision`."""
     choice = resolve_precision(run.precision, run.dir, fresh=run.fresh)
+    from accelerate import PartialState
+
+    on_cpu = PartialState().device.type == "cpu"
+    measured = f"; {cpu_bf16_advice()}" if on_cpu else ""
     if run.precision == "auto":
-        logger.info("precision auto -> %s", choice)
+        logger.info("precision auto -> %s%s", choice, measured)
+    elif on_cpu and choice.precision == "bf16" and not cpu_bf16_flags():
+        logger.warning(
+            "run.precision=bf16 on a CPU without bf16 units (no avx512_bf16 / amx_bf16 / bf16 flag): every bf16 "
+            "matmul is emulated, so this run will be many times slower than fp32 (%s). Use run.precision=auto or "
+            "fp32 here; bf16 pays on CPUs with AMX-bf16 and on GPUs.", cpu_bf16_advice())
     return choice.precision
+
+
+def cpu_bf16_advice(n: int = 256, budget_s: float = 0.1) -> str:
+    """The measured bf16 / fp32 matmul speed of this CPU, as a phrase for the log (advice only: no choice
+    depends on it, so two runs of one command never differ; small matrices: an emulated bf16 matmul can
+    be hundreds of times slower than fp32)."""
+    from maevit.train.perf import cpu_matmul_tflops
+
+    rates = cpu_matmul_tflops(("fp32", "bf16"), n=n, budget_s=budget_s)
+    return (f"bf16 / fp32 matmul measured on this CPU: {rates['bf16'] / rates['fp32']:.2f}x "
+            f"({rates['bf16']:.3g} / {rates['fp32']:.3g} TFLOP/s, {n}^2, {torch.get_num_threads()} threads)")
 
 
 def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.PathLike | None = None,
