@@ -225,7 +225,7 @@ def check_same_model(runners: list[Runner], imgs: torch.Tensor, noise: torch.Ten
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["base", "large"], choices=sorted(SIZES))
+    p.add_argument("--models", nargs="*", default=["base", "large"], choices=sorted(SIZES))
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--model-args", nargs="*", default=[], metavar="KEY=VALUE",
                    help="create_mae overrides for every model, e.g. decoder_embed_dim=128 decoder_num_heads=4")
@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         alone = size in args.maevit_only
         runners, ours = build_runners(args, name, device, overrides, None if alone else published,
                                       peers=() if alone else args.peers)
-        fpi = count_train_flops(ours, (ours.encoder.in_chans, *ours.encoder.patch_embed.img_size)).total
+        h, w = getattr(ours.encoder, "img_size", None) or ours.encoder.patch_embed.img_size
+        fpi = count_train_flops(ours, (ours.encoder.in_chans, h, w)).total
         gen = torch.Generator(device).manual_seed(0)
-        h, w = ours.encoder.patch_embed.img_size
         imgs = torch.randn(batch, ours.encoder.in_chans, h, w, device=device, generator=gen)
 
         def noise() -> torch.Tensor:
