@@ -176,6 +176,7 @@ class PretrainTask(Task):
             model, img_shape, acc.device, self.precision, num_processes=acc.num_processes, peak=cfg.run.peak_tflops,
             log=acc.is_main_process)
         workers = resolve_num_workers(cfg.data.num_workers)
+        self.meter.in_process_data = workers == 0
         self.loader = unlabeled_for_rank(  # before open_run too: a bad source changes no files
             cfg.data, acc, img_size=cfg.model.img_size, seed=cfg.run.seed, num_workers=workers)
         self.sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
