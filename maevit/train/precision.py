@@ -166,6 +166,15 @@ def _gather_choice(device: torch.device) -> PrecisionChoice:
     return choose_precision(device.type, bf16_supported=False)
 
 
+def _process_state():
+    """The process state the Accelerator will share, created with the CPU flag it would read itself: a first
+    ``PartialState()`` without it would fix a CPU launch (``ACCELERATE_USE_CPU=1``) as one process."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, *, fresh: bool = False,
                       device: torch.device | str | None = None) -> PrecisionChoice:
     """Resolve ``run.precision`` (``auto`` or explicit) for this process's device.
@@ -183,11 +192,7 @@ def resolve_precision(requested: str, run_dir: str | os.PathLike | None = None, 
         raise ValueError(f"run.precision={requested!r}: expected one of {', '.join(PRECISIONS)}")
     if requested != "auto":
         return PrecisionChoice(requested, "set by run.precision")
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # the process state the Accelerator will share (with the CPU flag it would read itself)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = _process_state()
     device = torch.device(device) if device is not None else state.device
     choice = None
     if state.is_main_process:
@@ -209,9 +214,7 @@ def resolve_run_precision(run: Any) -> str:
     """``run.precision`` for this device: ``auto`` becomes bf16 or fp32 (logged with the reason; a resumed
     run keeps its recorded choice; rank 0 decides for all). See :func:`resolve_precision`."""
     choice = resolve_precision(run.precision, run.dir, fresh=run.fresh)
-    from accelerate import PartialState
-
-    on_cpu = PartialState().device.type == "cpu"
+    on_cpu = _process_state().device.type == "cpu"
     measured = f"; {cpu_bf16_advice()}" if on_cpu else ""
     if run.precision == "auto":
         logger.info("precision auto -> %s%s", choice, measured)
