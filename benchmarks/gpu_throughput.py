@@ -180,7 +180,8 @@ def _sync(device: torch.device) -> None:
 
 
 def build_runners(args: argparse.Namespace, name: str, device: torch.device, overrides: dict[str, Any],
-                  published: types.ModuleType | None, peers: Any = ("hf", "published")) -> tuple[list[Runner], nn.Module]:
+                  published: types.ModuleType | None,
+                  peers: Any = ("hf", "published")) -> tuple[list[Runner], nn.Module]:
     torch.manual_seed(0)
     ours = create_mae(name, **overrides)
     twins: dict[str, nn.Module] = {}

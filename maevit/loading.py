@@ -30,8 +30,8 @@ def load(path: str | os.PathLike, *, model: str | None = None) -> nn.Module:
             ``out = mae(images)``, ``mae.encoder``); ``encoder.safetensors`` or ``maevit export``'s file
             (-> the encoder: ``forward_features`` gives the tokens, calling it the pooled features:
             the class token after the final norm where the family has one, as the kNN probe and
-            ``maevit embed`` read it; ``maevit probe`` reads the mean of the patch tokens by default); a fine-tuning run directory or ``classifier.safetensors`` (-> the classifier:
-            logits); a probe run directory or ``probe_head.safetensors`` (-> the frozen encoder + the
+            ``maevit embed`` read it; ``maevit probe`` reads the mean of the patch tokens by default);
+            a fine-tuning run directory or ``classifier.safetensors`` (-> the classifier: logits); a probe run directory or ``probe_head.safetensors`` (-> the frozen encoder + the
             probe's head: logits; its encoder is the probe's ``model.pretrained``).
         model: a registered model name (``maevit models``) for weights that do not name their
             architecture (the published MAE files, Hugging Face ViTMAE, timm state dicts: loaded as

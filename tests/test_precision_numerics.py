@@ -16,7 +16,8 @@ def _step(model, imgs, noise, autocast=False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(imgs, noise=noise).loss
     loss.backward()
-    return loss.detach().float(), {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float(), grads
 
 
 def _pair():

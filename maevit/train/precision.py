@@ -215,9 +215,8 @@ def resolve_run_precision(run: Any) -> str:
     run keeps its recorded choice; rank 0 decides for all). See :func:`resolve_precision`."""
     choice = resolve_precision(run.precision, run.dir, fresh=run.fresh)
     on_cpu = _process_state().device.type == "cpu"
-    measured = f"; {cpu_bf16_advice()}" if on_cpu else ""
     if run.precision == "auto":
-        logger.info("precision auto -> %s%s", choice, measured)
+        logger.info("precision auto -> %s%s", choice, f"; {cpu_bf16_advice()}" if on_cpu else "")
     elif on_cpu and choice.precision == "bf16" and not cpu_bf16_flags():
         logger.warning(
             "run.precision=bf16 on a CPU without bf16 units (no avx512_bf16 / amx_bf16 / bf16 flag): every bf16 "
