@@ -33,6 +33,7 @@ overwritten by the copied weights anyway).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -53,7 +54,9 @@ from maevit import create_mae
 from maevit.models.pos_embed import sincos_2d
 from maevit.models.hf_vitmae import hf_vitmae_config, to_hf_vitmae_keys
 from maevit.train.optim import build_adamw
+from maevit.train.fp32_attention import Fp32Attention, fp32_attention_wanted
 from maevit.train.perf import compile_blocks, count_train_flops, matmul_tflops, peak_tflops
+from maevit.train.precision import cpu_bf16_flags
 
 SIZES = {"tiny": "mae_vit_tiny_patch16", "small": "mae_vit_small_patch16", "base": "mae_vit_base_patch16",
          "large": "mae_vit_large_patch16", "huge": "mae_vit_huge_patch14"}
@@ -145,16 +148,18 @@ class Runner:
     """One model's training step: zero_grad, autocast forward, backward, AdamW."""
 
     def __init__(self, name: str, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 optimizer: torch.optim.Optimizer, device: torch.device, dtype: str) -> None:
-        self.name, self.model, self.loss_fn, self.opt = name, model, loss_fn, optimizer
+                 optimizer: torch.optim.Optimizer, device: torch.device, dtype: str,
+                 fp32_attention: bool = False) -> None:
+        self.name, self.model, self.loss_fn, self.opt, self.dtype = name, model, loss_fn, optimizer, dtype
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext())
+        self.fp32_attention = fp32_attention  # maevit's CPU policy (maevit.train.fp32_attention)
         self.device = device
         self.rates: list[float] = []  # images/s (wall clock) per round
         self.cpu_rates: list[float] = []  # images per CPU-second of this process per round (CPU runs)
 
     def step(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
-        with self.autocast:
+        with self.autocast, Fp32Attention() if self.fp32_attention else nullcontext():
             loss = self.loss_fn(imgs, noise)
         loss.backward()
         self.opt.step()
@@ -192,7 +197,18 @@ def build_runners(args: argparse.Namespace, name: str, device: torch.device, ove
     ours.to(device).train()
     # alone (another family's units): the model draws its own mask
     fn = (lambda x, n: ours(x, noise=n).loss) if peers else (lambda x, n: ours(x).loss)
-    runners = [Runner("maevit", ours, fn, build_adamw(ours, 1.5e-4, 0.05), device, args.dtype)]
+    flags = cpu_bf16_flags() if device.type == "cpu" else []
+    fp32_attn = fp32_attention_wanted(device.type, args.dtype, flags)
+    runners = [Runner("maevit", ours, fn, build_adamw(ours, 1.5e-4, 0.05), device, args.dtype, fp32_attn)]
+    if args.dtype == "bf16" and args.fp32_baseline:  # the same model in fp32, side by side
+        twin = copy.deepcopy(ours)
+        runners.append(Runner("maevit_fp32", twin, lambda x, n, m=twin, p=peers: m(x, noise=n).loss if p else m(x).loss,
+                              build_adamw(twin, 1.5e-4, 0.05), device, "fp32"))
+    if fp32_attn and args.bf16_attention_too:  # without maevit's CPU attention policy: what it gains
+        twin = copy.deepcopy(ours)
+        runners.append(Runner("maevit_bf16_attention", twin,
+                              lambda x, n, m=twin, p=peers: m(x, noise=n).loss if p else m(x).loss,
+                              build_adamw(twin, 1.5e-4, 0.05), device, "bf16"))
     for peer_name, peer in twins.items():
         peer.to(device).train()
         params = [p for p in peer.parameters() if p.requires_grad]
@@ -246,6 +262,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="checkout of github.com/facebookresearch/mae (or its models_mae.py); without it, "
                         "the published model is left out")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="HF attention implementation")
+    p.add_argument("--fp32-baseline", action="store_true",
+                   help="with --dtype bf16: maevit in fp32 too, side by side (the bf16 / fp32 step ratio)")
+    p.add_argument("--bf16-attention-too", action="store_true",
+                   help="with --dtype bf16 on a CPU where maevit runs attention in fp32: maevit with bf16 attention "
+                        "too (what that policy gains)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="a seconds-long CPU smoke run (tiny model, 1 round)")
@@ -266,8 +287,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (and its peak) here
     if device.type == "cpu":  # the machine's own yardsticks, both precisions, in this process
-        from maevit.train.precision import cpu_bf16_flags
-
         rates = matmul_tflops(("fp32", "bf16"), n=256 if args.tiny else 1024, budget_s=0.05 if args.tiny else 0.5)
         flags = cpu_bf16_flags()
         print(f"# CPU matmul {'256' if args.tiny else '1024'}^2: fp32 {rates['fp32']:.4f} TFLOP/s, bf16 "
@@ -318,14 +337,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for r in (runners if k % 2 == 0 else runners[::-1]):
                 r.timed_round(imgs, noises)
             if device.type == "cpu":
-                round_peaks.append(matmul_tflops((args.dtype,), budget_s=0.02 if args.tiny else 0.2)[args.dtype])
+                dtypes = tuple(sorted({r.dtype for r in runners}))
+                round_peaks.append(matmul_tflops(dtypes, budget_s=0.02 if args.tiny else 0.2))
         load1 = os.getloadavg()
         rows = {}
         for r in runners:
             rate = statistics.median(r.rates)
             tflops = fpi * rate / 1e12
             if round_peaks:  # MFU of each round against that round's measured peak, then the median
-                round_mfu = statistics.median(fpi * x / 1e12 / p for x, p in zip(r.rates, round_peaks))
+                round_mfu = statistics.median(fpi * x / 1e12 / p[r.dtype] for x, p in zip(r.rates, round_peaks))
             rows[r.name] = {"images_per_sec": round(rate, 2), "tflops": float(f"{tflops:.4g}"),
                             "mfu": float(f"{(round_mfu if round_peaks else tflops / peak):.4g}") if peak else None,
                             "rounds": [round(x, 2) for x in r.rates],
@@ -340,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows[r.name]["maevit_speedup_cpu_time"] = round(
                 rows["maevit"]["images_per_cpu_sec"] / rows[r.name]["images_per_cpu_sec"], 3)
         results["models"][size] = {"name": name, "overrides": overrides, "batch": batch,
-                                   "round_peaks_tflops": [round(x, 4) for x in round_peaks], "gflop_per_image": round(fpi / 1e9, 3),
+                                   "round_peaks_tflops": [{k: round(v, 4) for k, v in x.items()} for x in round_peaks],
+                                   "gflop_per_image": round(fpi / 1e9, 3),
                                    "loadavg": [round(load0[0], 2), round(load1[0], 2)],
                                    "loss_before_training": {k: round(v, 6) for k, v in check.items()},
                                    "runners": rows}
@@ -348,8 +369,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up; "
               f"load average {load0[0]:.1f} -> {load1[0]:.1f}")
         if round_peaks:
-            print(f"CPU matmul peak measured in each round: {', '.join(f'{x:.3f}' for x in round_peaks)} TFLOP/s "
-                  f"(MFU: per round against that round's peak, median)")
+            print("CPU matmul peak measured in each round: " + ", ".join(
+                "/".join(f"{k} {v:.3f}" for k, v in x.items()) for x in round_peaks)
+                + " TFLOP/s (MFU: per round against that round's peak at the runner's precision, median)")
         print("same weights, loss on one batch before training: "
               + ", ".join(f"{k} {v:.6f}" for k, v in check.items()))
         print("| model | images/s | TFLOP/s | MFU | maevit speed-up: ratio of medians / median of round ratios "

@@ -52,3 +52,84 @@ def test_compiled_blocks_step_matches_eager():
     assert loss_c.item() == pytest.approx(loss.item(), rel=1e-5)
     for k in grads:  # fusion reorders float sums: fp32 rounding, no more
         torch.testing.assert_close(grads_c[k], grads[k], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- attention in fp32 under bf16
+class _RecordAttention(torch.overrides.TorchFunctionMode):
+    """Records the dtype of q, k, v at every ``scaled_dot_product_attention`` that reaches the kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.dtypes.append((tuple(a.dtype for a in args[:3]), torch.is_autocast_enabled("cpu")))
+        return func(*args, **kwargs)
+
+
+def test_fp32_attention_rule():
+    from maevit.train.fp32_attention import fp32_attention_wanted as wanted
+
+    assert wanted("cpu", "bf16", ["avx512_bf16"]) and wanted("cpu", "bf16", [])
+    assert not wanted("cpu", "bf16", ["avx512_bf16", "amx_bf16"])  # AMX: bf16 attention kept
+    assert not wanted("cpu", "fp32", ["avx512_bf16"]) and not wanted("cuda", "bf16", [])
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("mae_vit_tiny_patch16", TINY),
+    ("mae_swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(1, 1),
+                                              num_heads=(1, 2), decoder_embed_dim=32, decoder_depth=1,
+                                              decoder_num_heads=2)),
+])
+def test_a_bf16_run_on_a_cpu_without_amx_computes_attention_in_fp32(monkeypatch, name, kw):
+    """Through the run's Accelerator: every attention of the prepared model's forward (and of
+    ``accelerator.autocast()``) reaches the kernel in fp32 with autocast off; the loss stays within bf16's
+    tolerance of fp32 and gradients reach every parameter; an fp32 run is untouched."""
+    from maevit.train import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    torch.manual_seed(0)
+    model = create_mae(name, **kw)
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, model.num_patches)
+    with torch.no_grad():
+        loss32 = model(imgs, noise=noise).loss.item()
+    acc = precision.make_accelerator("bf16")
+    assert acc.fp32_attention
+    prepared = acc.prepare(model)
+    rec = _RecordAttention()
+    with rec:
+        loss = prepared(imgs, noise=noise).loss
+    loss.backward()
+    assert rec.dtypes and all(d == ((torch.float32,) * 3, False) for d in rec.dtypes), rec.dtypes
+    assert loss.item() == pytest.approx(loss32, rel=2e-2)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    rec = _RecordAttention()
+    with rec, acc.autocast(), torch.no_grad():
+        acc.unwrap_model(prepared)(imgs, noise=noise)
+    assert rec.dtypes and all(d == ((torch.float32,) * 3, False) for d in rec.dtypes)
+    assert acc.prepare_model(prepared) is prepared and prepared.forward.in_fp32_attention  # wrapped once
+
+    acc32 = precision.make_accelerator("fp32")
+    assert not acc32.fp32_attention
+    torch.manual_seed(0)
+    plain = acc32.prepare(create_mae(name, **kw))
+    rec = _RecordAttention()
+    with rec, torch.no_grad():
+        assert plain(imgs, noise=noise).loss.item() == pytest.approx(loss32, rel=1e-6)
+    assert all(d == ((torch.float32,) * 3, False) for d in rec.dtypes)
+
+
+def test_with_amx_the_bf16_run_keeps_bf16_attention(monkeypatch):
+    from maevit.train import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16", "amx_bf16"])
+    model, imgs, noise = _pair()
+    acc = precision.make_accelerator("bf16")
+    assert not acc.fp32_attention
+    rec = _RecordAttention()
+    with rec, torch.no_grad():
+        acc.prepare(model)(imgs, noise=noise)
+    assert rec.dtypes and all(d[0] == (torch.bfloat16,) * 3 for d in rec.dtypes)

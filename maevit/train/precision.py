@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from maevit.train.fp32_attention import Fp32Attention, fp32_attention_wanted, in_fp32_attention
 from maevit.train.perf import _scalar_loss
 
 logger = logging.getLogger("maevit.throughput")
@@ -244,7 +247,6 @@ def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.Pat
     Raises:
         maevit.config.ConfigError: the tracker is not installed (the message has the pip command).
     """
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     from maevit.train.trackers import resolve_tracker
@@ -253,9 +255,40 @@ def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.Pat
     earlier = AcceleratorState._shared_state.get("_mixed_precision")
     if earlier is not None and earlier != mixed:  # an earlier run in this process (maevit demo, a notebook)
         AcceleratorState._reset_state()  # the process group (PartialState) stays
-    return Accelerator(
+    acc = _accelerator_class()(
         mixed_precision=mixed,
         gradient_accumulation_steps=accum_steps,
         log_with=resolve_tracker(tracker) if run_dir is not None else None,
         project_dir=None if run_dir is None else str(run_dir),
     )
+    acc.fp32_attention = fp32_attention_wanted(acc.device.type, precision, cpu_bf16_flags())
+    if acc.fp32_attention:
+        logger.info("attention runs in fp32 inside the bf16 step: this CPU has no bf16 matrix units (amx_bf16), and "
+                    "its bf16 attention kernel is slower than the fp32 one (BENCHMARKS.md)")
+    return acc
+
+
+@functools.cache
+def _accelerator_class() -> type:
+    """Accelerate's ``Accelerator`` with the attention of its autocast in fp32 where
+    :func:`~maevit.train.fp32_attention.fp32_attention_wanted` says so: in the forward of every prepared
+    model (where Accelerate puts its autocast) and in ``accelerator.autocast()``. Made on first use
+    because Accelerate is imported lazily."""
+    from accelerate import Accelerator
+
+    class MaevitAccelerator(Accelerator):
+        fp32_attention = False
+
+        def prepare_model(self, model, device_placement=None, evaluation_mode=False):
+            model = super().prepare_model(model, device_placement, evaluation_mode)
+            if self.fp32_attention and not getattr(model.forward, "in_fp32_attention", False):
+                model.forward = in_fp32_attention(model.forward)
+            return model
+
+        @contextlib.contextmanager
+        def autocast(self, autocast_handler=None):
+            with super().autocast(autocast_handler), (Fp32Attention() if self.fp32_attention
+                                                      else contextlib.nullcontext()):
+                yield
+
+    return MaevitAccelerator
