@@ -142,11 +142,13 @@ def test_precision_choice_is_a_pure_function_of_the_facts():
     gpu = choose_precision("cuda", bf16_supported=True, device_name="NVIDIA H100 80GB HBM3")
     assert gpu.precision == "bf16" and "H100" in gpu.reason
     assert choose_precision("cuda", bf16_supported=False, device_name="Tesla V100").precision == "fp32"
-    # CPU: bf16 matrix units (AMX) decide; vector-only bf16 stays fp32; no timing is involved
+    # CPU: x86 bf16 units (AMX matrix units, avx512_bf16 vector units) decide; no timing is involved
     no_units = choose_precision("cpu", bf16_supported=False, bf16_native=[])
     assert no_units.precision == "fp32" and "no native bf16" in no_units.reason
     vector_only = choose_precision("cpu", bf16_supported=True, bf16_native=["avx512_bf16"])
-    assert vector_only.precision == "fp32" and "no bf16 matrix units" in vector_only.reason
+    assert vector_only.precision == "bf16" and "avx512_bf16" in vector_only.reason
+    arm = choose_precision("cpu", bf16_supported=True, bf16_native=["bf16"])
+    assert arm.precision == "fp32" and "not measured" in arm.reason
     amx = choose_precision("cpu", bf16_supported=True, bf16_native=["avx512_bf16", "amx_bf16"])
     assert amx.precision == "bf16" and "amx_bf16" in amx.reason
     assert choose_precision("mps", bf16_supported=True).precision == "fp32"
@@ -168,7 +170,7 @@ def test_auto_precision_is_fp32_where_bf16_is_not_native(monkeypatch, tmp_path):
     # the same machine always gives the same answer (no timing: identical runs train identical models)
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16", "amx_bf16"])
     assert {resolve_precision("auto", tmp_path, device="cpu").precision for _ in range(3)} == {"bf16"}
-    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["bf16"])
     assert {resolve_precision("auto", tmp_path, device="cpu").precision for _ in range(3)} == {"fp32"}
     # explicit choices pass through untouched
     for p in ("fp32", "bf16", "fp16"):

@@ -50,11 +50,12 @@ def choose_precision(
 ) -> PrecisionChoice:
     """``run.precision=auto``: a pure function of the hardware, so identical runs make identical choices.
 
-    bf16 autocast on CUDA GPUs with native bf16 and on CPUs with bf16 *matrix* units (``amx_bf16``:
-    a bf16 matmul there runs ~6x an fp32 one); fp32 elsewhere, including CPUs with only the
-    ``avx512_bf16`` vector instructions (a bf16 matmul ~1.5x, the whole step ~1.2x: not worth
-    results that differ from fp32). A timing check never decides: timings on a shared machine vary
-    from run to run, and two runs of one command must train the same model.
+    bf16 autocast on CUDA GPUs with native bf16 and on x86 CPUs with bf16 units: ``amx_bf16`` (matrix
+    units: a bf16 matmul ~6x an fp32 one) or ``avx512_bf16`` (a bf16 matmul 2.2-2.5x fp32 on a Zen 4,
+    and the MAE step 1.7-1.9x once attention runs in fp32 there: :mod:`maevit.train.fp32_attention`,
+    BENCHMARKS.md "bf16 on a CPU with avx512_bf16"); fp32 elsewhere, including Arm CPUs whose only
+    bf16 support is the ``bf16`` flag (not measured). A timing check never decides: timings on a
+    shared machine vary from run to run, and two runs of one command must train the same model.
 
     Args:
         device_type: "cuda", "cpu", ...
@@ -73,8 +74,10 @@ def choose_precision(
                                            "bf16 would be emulated and slower")
         if "amx_bf16" in bf16_native:
             return PrecisionChoice("bf16", "CPU has bf16 matrix units (amx_bf16)")
-        return PrecisionChoice("fp32", f"CPU has {' and '.join(bf16_native)} but no bf16 matrix units (amx_bf16): "
-                                       f"bf16 would gain little there; run.precision=bf16 uses it anyway")
+        if "avx512_bf16" in bf16_native:
+            return PrecisionChoice("bf16", "CPU has bf16 vector units (avx512_bf16); attention runs in fp32")
+        return PrecisionChoice("fp32", f"CPU has {' and '.join(bf16_native)} only, where bf16 training was not "
+                                       f"measured; run.precision=bf16 uses it anyway")
     return PrecisionChoice("fp32", f"auto chooses bf16 only on CUDA GPUs and CPUs with bf16 units, not on "
                                    f"{device_type}; set run.precision explicitly")
 
