@@ -35,6 +35,42 @@ def test_a_paused_watch_does_not_fire(tmp_path):
     d.close()
 
 
+def test_a_paused_rank_still_ends_the_job_when_a_peer_freezes(tmp_path):
+    """A paused phase (checkpoint, stop check) holds collectives too: a frozen peer must not hang it."""
+    exits = []
+    dogs = [Watchdog(tmp_path, r, 2, timeout_s=1.0, exit_fn=exits.append) for r in range(2)]
+    for d in dogs:
+        d.start()
+    dogs[0].pause()  # rank 0 is in a checkpoint, waiting in a barrier
+    time.sleep(1.0)
+    assert exits == []  # a live peer: a long paused phase is fine
+    dogs[1]._stop.set()  # rank 1's process freezes: its record stops being refreshed
+    deadline = time.monotonic() + 20  # stale after 5 s (the floor), judged at the next tick
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert exits == [1]
+    dogs[0].close()
+
+
+def test_a_paused_rank_ignores_finished_and_earlier_peers(tmp_path):
+    exits = []
+    (tmp_path / ".progress").mkdir()
+    # a record left by an earlier run that was killed: older than this run's watch
+    (tmp_path / ".progress" / "rank-1.json").write_text(json.dumps({"rank": 1, "alive": time.time() - 100}))
+    d = Watchdog(tmp_path, 0, 2, timeout_s=0.5, exit_fn=exits.append).start()
+    d.pause()
+    time.sleep(1.5)
+    assert exits == []
+    d.close()
+    peer = Watchdog(tmp_path, 1, 2, timeout_s=0.5, exit_fn=exits.append).start()
+    d = Watchdog(tmp_path, 0, 2, timeout_s=0.5, exit_fn=exits.append).start()
+    peer.close()  # finished: its record is removed
+    d.pause()
+    time.sleep(6.0)
+    assert exits == []
+    d.close()
+
+
 @pytest.mark.slow
 def test_a_sigstopped_rank_ends_a_two_process_job_naming_it(tmp_path):
     run_dir = tmp_path / "run"

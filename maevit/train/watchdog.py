@@ -11,9 +11,11 @@ a message that names no rank. Each rank runs a small thread (:class:`Watchdog`) 
   names the rank that stopped (a frozen process first, then one stuck waiting for data, then the
   lowest step), prints that, and ends its process (exit 1), so the launcher tears the job down.
 
-Only the training steps are watched: evaluation, checkpoints and other hooks run with the watch
-paused (they may legitimately take long). The main thread only stores a step number and a time per
-step: no file I/O, no host sync.
+Only the training steps are timed: evaluation, checkpoints and other hooks run with the timer
+paused (they may legitimately take long). A paused rank still watches the others: those phases hold
+collectives too (the stop check, the checkpoint's barriers), so a peer whose thread stops publishing
+(a frozen or killed process) ends the job there as well, instead of a hang that no timer would see. The
+main thread only stores a step number and a time per step: no file I/O, no host sync.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Watchdog:
         self.rank, self.world, self.timeout = rank, world_size, float(timeout_s)
         self.exit_fn = exit_fn
         self.step, self.phase, self.last = 0, "start", time.monotonic()
+        self._peers: dict[int, tuple[float, float, bool]] = {}  # rank -> its "alive", when seen to change, changed
         self.paused = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,10 +98,32 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.tick):
             self._publish()
-            if not self.paused and time.monotonic() - self.last > self.timeout:
+            frozen = self._frozen_peers()  # every tick, so a peer that froze before a pause is known
+            if frozen or (not self.paused and time.monotonic() - self.last > self.timeout):
                 print(f"maevit: error: {self.verdict()}", file=sys.stderr, flush=True)
                 self.exit_fn(1)
                 return
+
+    def _frozen_peers(self) -> list[int]:
+        """Other ranks whose record was seen refreshing and then stayed the same for longer than the timeout
+        (their process is frozen or gone). Judged by this process's clock, so clocks of other nodes do
+        not matter. A record that never changes (left by an earlier run) and a missing one (not started,
+        or finished: :meth:`close` removes it) are not judged."""
+        now, limit, frozen = time.monotonic(), max(self.timeout, 3 * self.tick, 5.0), []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            try:
+                alive = json.loads((self.dir / f"rank-{r}.json").read_text())["alive"]
+            except (OSError, ValueError, KeyError, TypeError):
+                self._peers.pop(r, None)
+                continue
+            seen = self._peers.get(r)
+            if seen is None or alive != seen[0]:
+                self._peers[r] = (alive, now, seen is not None)
+            elif seen[2] and now - seen[1] > limit:
+                frozen.append(r)
+        return frozen
 
     def verdict(self) -> str:
         """One paragraph: which rank stopped making progress, and what happens now."""
