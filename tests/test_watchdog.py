@@ -55,7 +55,7 @@ def test_a_paused_rank_still_ends_the_job_when_a_peer_freezes(tmp_path):
 def test_a_paused_rank_ignores_finished_and_earlier_peers(tmp_path):
     exits = []
     (tmp_path / ".progress").mkdir()
-    # a record left by an earlier run that was killed: older than this run's watch
+    # a record left by an earlier run that was killed: judged only after the timeout, like a rank not started
     (tmp_path / ".progress" / "rank-1.json").write_text(json.dumps({"rank": 1, "alive": time.time() - 100}))
     d = Watchdog(tmp_path, 0, 2, timeout_s=0.5, exit_fn=exits.append).start()
     d.pause()

@@ -45,7 +45,7 @@ class Watchdog:
         self.rank, self.world, self.timeout = rank, world_size, float(timeout_s)
         self.exit_fn = exit_fn
         self.step, self.phase, self.last = 0, "start", time.monotonic()
-        self._peers: dict[int, tuple[float, float, bool]] = {}  # rank -> its "alive", when seen to change, changed
+        self._peers: dict[int, tuple[float, float]] = {}  # rank -> its record's "alive", when seen to change
         self.paused = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,10 +105,11 @@ class Watchdog:
                 return
 
     def _frozen_peers(self) -> list[int]:
-        """Other ranks whose record was seen refreshing and then stayed the same for longer than the timeout
-        (their process is frozen or gone). Judged by this process's clock, so clocks of other nodes do
-        not matter. A record that never changes (left by an earlier run) and a missing one (not started,
-        or finished: :meth:`close` removes it) are not judged."""
+        """Other ranks whose record has not changed for longer than the timeout since this rank first saw it
+        (their process is frozen or gone; an earlier run's leftover record counts like a rank that has not
+        started, which a step timer would also end the job for). Judged by this process's clock, so clocks
+        of other nodes do not matter; a missing record (not started, or finished: :meth:`close` removes
+        it) is not judged."""
         now, limit, frozen = time.monotonic(), max(self.timeout, 3 * self.tick, 5.0), []
         for r in range(self.world):
             if r == self.rank:
@@ -120,8 +121,8 @@ class Watchdog:
                 continue
             seen = self._peers.get(r)
             if seen is None or alive != seen[0]:
-                self._peers[r] = (alive, now, seen is not None)
-            elif seen[2] and now - seen[1] > limit:
+                self._peers[r] = (alive, now)
+            elif now - seen[1] > limit:
                 frozen.append(r)
         return frozen
 
