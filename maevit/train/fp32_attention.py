@@ -1,7 +1,7 @@
 """Attention in fp32 inside a bf16 step, on CPUs whose bf16 attention kernel is slower than their fp32 one.
 
 Measured on an AMD Zen 4 (avx512_bf16, no AMX), torch 2.14.1, one thread (BENCHMARKS.md "bf16 on a CPU with
-avx512_bf16"): torch's CPU flash-attention kernel runs forward + backward **1.3-4x slower in bf16 than in
+avx512_bf16"): torch's CPU flash-attention kernel runs forward + backward **1.3-7x slower in bf16 than in
 fp32** at ViT shapes (50 visible tokens x 64 per head: 21 vs 7.7 ms; a 197-token decoder: 86 vs 55 ms), and
 was 40% of a bf16-autocast MAE step. With q, k, v cast to fp32 for the attention alone (the matmuls around
 it stay bf16) the whole bf16 step ran 1.2-1.4x faster, and its loss came closer to fp32's.
