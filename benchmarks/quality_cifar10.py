@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="fine-tuning layer decay of the pretrained encoder (default: the model's; scratch: 1.0)")
     p.add_argument("--ft-set", action="append", default=[],
                    help="extra fine-tuning override for the pretrained run, e.g. optim.layer_decay_exempt=[...]")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="run.precision of every stage (fp32: the rows of BENCHMARKS.md before 2026-12-07; "
+                        "auto: bf16 where the CPU has bf16 units, for budgets twice as long)")
     p.add_argument("--ft-tag", default="", help="suffix of the fine-tuning result keys (several recipes, one pretraining)")
     a = p.parse_args(argv)
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             data=dict(train=str(train), batch_size=128, num_workers=a.workers),
             optim=dict(epochs=a.pretrain_epochs, base_lr=a.pretrain_lr, warmup_epochs=1),
             run=dict(dir=str(out / "pretrain"), seed=a.seed, log_every=10, ckpt_every=200, viz_every=400,
-                     progress=False, keep_last=1, precision="fp32", **probe_online))
+                     progress=False, keep_last=1, precision=a.precision, **probe_online))
         res = pt.train(cfg)
         save("pretrain", dict(loss=res.get("loss"), minutes=round((time.time() - t) / 60, 1),
                               images_per_sec=res.get("images_per_sec")))
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
             model={**model, "drop_path": 0.1},
             data=dict(train=str(train), val=str(test), batch_size=64, num_workers=a.workers,
                       label_fraction=fraction or None, mixup=0.8, cutmix=1.0, smoothing=0.1, re_prob=0.25),
-            optim=optim, run=dict(dir=str(out / name), seed=a.seed, eval_every=epochs, log_every=20, precision="fp32"))
+            optim=optim,
+            run=dict(dir=str(out / name), seed=a.seed, eval_every=epochs, log_every=20, precision=a.precision))
         if pretrained:  # --ft-set KEY=VALUE: the user's own overrides, on top
             sections = merge(sections, parse_overrides(a.ft_set))
         res = finetune(make_config(FinetuneConfig, **sections))
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                 else dict(arch, global_pool=a.probe_pool),
                 data=dict(train=str(train), val=str(test), batch_size=256, num_workers=a.workers),
                 optim=dict(epochs=a.probe_epochs, warmup_epochs=5),
-                run=dict(dir=str(out / probe_key), seed=a.seed, precision="fp32")))
+                run=dict(dir=str(out / probe_key), seed=a.seed, precision=a.precision)))
             save(probe_key, dict(top1=res["top1"], top5=res["top5"], minutes=round((time.time() - t) / 60, 1)))
         for pool in ("token", "avg"):
             key = f"knn_{enc_name}" + ("" if pool == "token" else "_avg")
