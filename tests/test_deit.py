@@ -11,6 +11,7 @@ from timm.layers import resample_abs_pos_embed
 
 from maevit.models import create_classifier, create_encoder, create_mae
 from maevit.models.weights import header_of, save_weights
+from maevit.train.knn import encoder_features
 
 SMALL = dict(img_size=32, patch_size=8, depth=2)  # 4x4 patches: cheap, two blocks
 
@@ -106,10 +107,29 @@ def test_heads_average_in_eval_and_split_in_distilled_training():
     assert isinstance(out, tuple) and [o.shape for o in out] == [(2, 10), (2, 10)]
 
 
-def test_avg_pool_is_taken_as_token_and_bad_options_are_clear_errors():
+def test_avg_pool_keeps_token_heads_and_bad_options_are_clear_errors():
     clf = create_classifier("mae_deit_tiny_patch16", 3, global_pool="avg", **SMALL)
     assert clf.global_pool == "token" and not isinstance(clf.norm, torch.nn.Identity)
     with pytest.raises(ValueError, match="sincos.*learn"):
         create_encoder("mae_deit_tiny_patch16", pos_encoding="rope", **SMALL)
-    with pytest.raises(ValueError, match="DeiT pools by token"):
+    with pytest.raises(ValueError, match="global_pool='map'.*'token'.*'avg'"):
         clf.reset_classifier(3, "map")
+
+
+def test_the_feature_probes_read_follows_global_pool_while_the_heads_read_their_tokens():
+    """A probe / kNN / embed of a DeiT asked for 'avg' reads the patch tokens' mean (what MAE trains),
+    'token' the two tokens' mean; the logits are the same either way."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    by_token = create_classifier("mae_deit_tiny_patch16", 3, global_pool="token", **SMALL).eval()
+    by_avg = create_classifier("mae_deit_tiny_patch16", 3, global_pool="avg", **SMALL).eval()
+    by_avg.load_state_dict(by_token.state_dict())  # same modules, same names
+    with torch.no_grad():
+        feats = by_token.forward_features(x)  # [B, 2 + L, D]
+        torch.testing.assert_close(by_token.forward_head(feats, pre_logits=True), feats[:, :2].mean(1))
+        torch.testing.assert_close(by_avg.forward_head(feats, pre_logits=True), feats[:, 2:].mean(1))
+        torch.testing.assert_close(by_avg(x), by_token(x))
+    assert encoder_features(by_avg, x).shape == (2, by_avg.num_features)
+    by_avg.reset_classifier(0, "token")
+    with torch.no_grad():
+        torch.testing.assert_close(by_avg.forward_head(feats, pre_logits=True), feats[:, :2].mean(1))

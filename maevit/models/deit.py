@@ -35,8 +35,10 @@ Heads (timm's): the class token feeds ``head``, the distillation token
 ``forward_head`` returns their average; with ``set_distilled_training(True)``
 it returns ``(cls_logits, dist_logits)`` in training mode (DeiT's distillation).
 :meth:`DeiTEncoder.forward_heads` gives both in any mode (evaluation reports
-each head's own accuracy). ``forward_head(..., pre_logits=True)`` is the mean of
-the two tokens (features for probes and kNN).
+each head's own accuracy). ``forward_head(..., pre_logits=True)`` (the feature
+that probes, kNN and ``maevit embed`` read) follows ``global_pool``: ``'token'``
+the mean of the two tokens, ``'avg'`` the mean of the patch tokens; the heads
+read their tokens either way.
 """
 from __future__ import annotations
 
@@ -62,8 +64,13 @@ class DeiTEncoder(ViTEncoder, VisionTransformerDistilled):
             ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``attention``, ...).
 
     Pooling: both heads read their own token, so a DeiT classifier always pools
-    by token; ``global_pool='avg'`` (the plain-ViT fine-tuning default) is taken
-    as ``'token'`` and the pretrained final norm is kept.
+    by token (timm's ``global_pool`` stays ``'token'`` and the pretrained final
+    norm is kept). ``global_pool='avg'`` (the plain-ViT default) sets only the
+    *feature* (``forward_head(..., pre_logits=True)``, :attr:`feature_pool`) to
+    the mean of the patch tokens: what MAE's loss trains directly, and what a
+    linear probe reads best after a short MAE (BENCHMARKS.md, "Five times the
+    budget": the plain ViT's class token -1.3 points against random init, its
+    patch mean +6.6).
     """
 
     # the contract's optional extra heads (maevit.models.contract.ExtraHeads): what the rest of the
@@ -76,8 +83,8 @@ class DeiTEncoder(ViTEncoder, VisionTransformerDistilled):
                 f"pos_encoding={pos_encoding!r} is not available for DeiT: its class and distillation tokens take "
                 "their positions from an absolute table (timm's layout); use pos_encoding='sincos' or 'learn'"
             )
-        if kwargs.get("global_pool", "token") != "token":
-            kwargs["global_pool"] = "token"  # see the class docstring: DeiT's heads read tokens
+        self.feature_pool = _feature_pool(kwargs.get("global_pool", "token"))
+        kwargs["global_pool"] = "token"  # see the class docstring: DeiT's heads read tokens
         super().__init__(pos_encoding=pos_encoding, **kwargs)
 
     def _init_mae(self, sincos: bool) -> None:
@@ -93,12 +100,19 @@ class DeiTEncoder(ViTEncoder, VisionTransformerDistilled):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New ``head`` and ``head_dist`` (MAE's near-zero init for both); pooling is always by token."""
-        if global_pool not in (None, "", "token", "avg"):
-            raise ValueError(f"global_pool={global_pool!r}: DeiT pools by token ('avg' is taken as 'token')")
+        if global_pool:
+            self.feature_pool = _feature_pool(global_pool)
         super().reset_classifier(num_classes, "token")
         if num_classes > 0:
             nn.init.trunc_normal_(self.head_dist.weight, std=2e-5)
             nn.init.zeros_(self.head_dist.bias)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """timm's heads; the pre-logit feature is the mean of the two tokens, or of the patch tokens
+        under ``feature_pool='avg'``."""
+        if pre_logits and self.feature_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)  # [B, D], after the final norm
+        return super().forward_head(x, pre_logits=pre_logits)
 
     def forward_heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward_features`` output ``[B, 2 + L, D]`` -> ``(cls_logits, dist_logits)``, in any mode."""
@@ -106,6 +120,13 @@ class DeiTEncoder(ViTEncoder, VisionTransformerDistilled):
 
     def _timm_archs(self, size: str) -> tuple[str, ...]:
         return (f"deit_{size}_distilled_patch16_224",)
+
+
+def _feature_pool(global_pool: str | None) -> str:
+    if global_pool not in (None, "", "token", "avg"):
+        raise ValueError(f"global_pool={global_pool!r}: use 'token' (DeiT's two tokens) or 'avg' (the patch tokens' "
+                         "mean, as the feature probes and kNN read; the heads read their tokens either way)")
+    return global_pool or "token"
 
 
 # --------------------------------------------------------------------------- registrations
