@@ -59,6 +59,11 @@ def main() -> None:
     p.add_argument("--fractions", default="10,100", help="label budgets to run, of 10,100")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--scratch-distill", action="store_true", help="also: from scratch + distillation")
+    p.add_argument("--distill-unlabeled", action="store_true",
+                   help="also, below 100%% labels: MAE + distillation whose distillation term also reads every "
+                        "training image, labeled or not (distill.unlabeled=the training folder)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="run.precision of every run (auto: bf16 where the CPU has bf16 units)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="comma list of stages: pretrain,teacher,student,diagnose")
     a = p.parse_args()
@@ -92,7 +97,7 @@ def main() -> None:
                         pretrain_epochs=a.pretrain_epochs, ft_epochs=a.ft_epochs,
                         ft_epochs_low=a.ft_epochs_low or 3 * a.ft_epochs, teacher=a.teacher,
                         teacher_args=a.teacher_args, teacher_epochs=a.teacher_epochs, alpha=a.alpha,
-                        teacher_labels=a.teacher_labels,
+                        teacher_labels=a.teacher_labels, precision=a.precision,
                         threads=torch.get_num_threads()))
     size = dict(patch_size=a.patch, args={"depth": a.depth})  # the student's size, from scratch
     enc_path = out / "pretrain" / "encoder.safetensors"
@@ -105,7 +110,7 @@ def main() -> None:
             data=dict(train=str(train), batch_size=128, num_workers=a.workers, mean=list(MEAN), std=list(STD)),
             optim=dict(epochs=a.pretrain_epochs, base_lr=a.pretrain_lr, warmup_epochs=1),
             run=dict(dir=str(out / "pretrain"), log_every=10, ckpt_every=200, viz_every=0, progress=False, keep_last=1,
-                     precision="fp32")))
+                     precision=a.precision)))
         save("pretrain", dict(loss=res.get("loss"), minutes=round((time.time() - t) / 60, 1),
                               images_per_sec=res.get("images_per_sec")))
 
@@ -117,8 +122,8 @@ def main() -> None:
                       label_fraction=fraction or None, mean=list(MEAN), std=list(STD), mixup=0.8, cutmix=1.0,
                       smoothing=0.1, re_prob=0.25),
             optim=dict(epochs=epochs, warmup_epochs=2, weight_decay=0.05),
-            # every run alike (auto could differ between runs with the timing check)
-            run=dict(dir=str(out / name), eval_every=epochs, log_every=20, progress=False, precision="fp32"),
+            # every run alike
+            run=dict(dir=str(out / name), eval_every=epochs, log_every=20, progress=False, precision=a.precision),
         )
 
     def record(name: str, res: dict, t: float) -> None:
@@ -144,6 +149,8 @@ def main() -> None:
         runs = [("mae_distill", enc_path, teacher), ("mae", enc_path, None), ("scratch", None, None)]
         if a.scratch_distill:
             runs.append(("scratch_distill", None, teacher))
+        if a.distill_unlabeled and frac is not None:
+            runs.insert(1, ("mae_distill_unl", enc_path, teacher))
         for kind, pretrained, teach in runs:
             name = f"ft_{kind}_{tag}"
             if "student" not in stages or name in results:
@@ -154,12 +161,14 @@ def main() -> None:
                            drop_path=0.1, **({} if pretrained else size)),
                 # layer decay only for a pretrained encoder (from scratch it would starve the lower blocks)
                 optim=dict(base_lr=1.0e-3, layer_decay=0.75 if pretrained else 1.0),
-                **({"distill": dict(teacher=str(teach), type="hard", alpha=a.alpha)} if teach is not None else {}))
+                **({"distill": dict(teacher=str(teach), type="hard", alpha=a.alpha,
+                                    unlabeled=str(train) if kind.endswith("_unl") else None)}
+                   if teach is not None else {}))
             record(name, finetune(make_config(FinetuneConfig, **merge(common(frac, epochs, name), own))), t)
 
     if "diagnose" in stages:  # how far each student follows its teacher on the test set
         for tag in ("10", "100"):
-            for kind in ("mae_distill", "mae", "scratch", "scratch_distill"):
+            for kind in ("mae_distill", "mae_distill_unl", "mae", "scratch", "scratch_distill"):
                 name, key = f"ft_{kind}_{tag}", f"agree_{kind}_{tag}"
                 if key in results or not (out / name / "classifier.safetensors").is_file() or \
                         not (out / f"teacher_{teacher_tag.get(tag, tag)}" / "classifier.safetensors").is_file():
@@ -174,6 +183,8 @@ def main() -> None:
     print(f"| teacher {a.teacher} ({'same labels' if a.teacher_labels == 'same' else 'trained on all labels: both columns are its 100% figure'}) | {cell('teacher_10')} | {cell('teacher_100')} |")
     kinds = [("mae_distill", "DeiT MAE + hard distillation"), ("mae", "DeiT MAE, no teacher"),
              ("scratch", "DeiT from scratch, no teacher")]
+    if a.distill_unlabeled:
+        kinds.insert(1, ("mae_distill_unl", "DeiT MAE + hard distillation on every training image"))
     if a.scratch_distill:
         kinds.append(("scratch_distill", "DeiT from scratch + hard distillation"))
     for kind, label in kinds:

@@ -208,6 +208,79 @@ def test_resume_with_a_teacher_is_exact(tmp_path, one_thread):
     assert alone["losses"] != full["losses"]
 
 
+def test_the_label_term_reads_the_labeled_rows_and_the_distillation_term_every_row():
+    """distill.unlabeled: the first rows have labels, the rest only the teacher's answers."""
+    cls_logits = torch.tensor([[0.0, LN3], [5.0, -5.0]])  # row 2 is unlabeled: its class head is ignored
+    dist_logits = torch.tensor([[LN3, 0.0], [0.0, LN3]])
+    teacher = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # says class 1 for both
+    out = distillation_loss((cls_logits, dist_logits), torch.tensor([1]), teacher, nn.CrossEntropyLoss(),
+                            kind="hard", alpha=0.5, labeled=1)
+    base = math.log(4.0 / 3.0)  # CE(row 1's class head, label 1)
+    dist = (math.log(4.0) + math.log(4.0 / 3.0)) / 2  # CE(both rows' distillation heads, the teacher's class 1)
+    assert (out.base.item(), out.distill.item()) == (pytest.approx(base, abs=1e-6), pytest.approx(dist, abs=1e-6))
+    assert out.loss.item() == pytest.approx(0.5 * base + 0.5 * dist, abs=1e-6)
+
+
+def test_unlabeled_images_without_a_teacher_or_too_few_of_them_are_clear_errors(tmp_path, capsys):
+    from maevit.train.finetune import main_finetune
+
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        DistillConfig(unlabeled="bundled:train").validate()
+    common = ["model.name=mae_deit_tiny_patch16", "model.img_size=32", "model.patch_size=8", "model.args={depth: 1}",
+              "data.train=bundled:train", "data.val=null", "data.num_workers=0", "run.progress=false"]
+    assert main_finetune([*common, f"run.dir={tmp_path / 'a'}", "distill.unlabeled=bundled:val"]) == 2
+    assert "needs a teacher" in capsys.readouterr().err
+    model = create_classifier("timm:test_resnet", 10)
+    teacher = save_weights(model.state_dict(), tmp_path / "t10.safetensors", header_of(model, "classifier"))
+    few = tmp_path / "few" / "cat"
+    few.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(few / "one.png")
+    assert main_finetune([*common, f"run.dir={tmp_path / 'b'}", f"distill.teacher={teacher}", "data.batch_size=8",
+                          f"distill.unlabeled={few.parent}"]) == 2
+    assert "fewer than one batch" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_unlabeled_images_reach_the_teacher_and_resume_is_exact(tmp_path, one_thread, monkeypatch):
+    """One batch of distill.unlabeled beside each labeled batch: the teacher labels twice the images, the
+    run ends elsewhere than without them, and a stop + resume draws the same unlabeled batches."""
+    from safetensors.torch import load_file
+
+    import maevit.train.finetune as ft
+    from maevit.config import load_config
+
+    torch.manual_seed(0)
+    t = create_classifier("timm:test_resnet", 10)
+    teacher = save_weights(t.state_dict(), tmp_path / "t10.safetensors", header_of(t, "classifier"))
+    seen = []  # images per teacher call
+
+    def counting_teacher(*args, **kwargs):
+        model = build_teacher(*args, **kwargs)
+        model.register_forward_hook(lambda m, inputs, out: seen.append(len(inputs[0])))
+        return model
+
+    monkeypatch.setattr(ft, "build_teacher", counting_teacher)
+    unl = {"distill.unlabeled": "bundled:val"}  # 500 images: 62 batches of 8, more than the run draws
+
+    def run(name, **extra):
+        return ft.finetune(load_config(ft.FinetuneConfig, None, _student(tmp_path / name, teacher, **extra)))
+
+    full = run("a", **unl)
+    assert full["step"] == 6 and set(seen) == {16}  # 8 labeled + 8 unlabeled images per micro-batch
+    part1 = run("b", **unl, **{"optim.max_steps": 2})
+    part2 = run("b", **unl)
+    without = run("c")
+    assert part2["resumed_from"] and part2["step"] == 6
+    torch.testing.assert_close(torch.tensor(part1["losses"] + part2["losses"]), torch.tensor(full["losses"]),
+                               rtol=0, atol=0)
+    a, b = load_file(tmp_path / "a" / "classifier.safetensors"), load_file(tmp_path / "b" / "classifier.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without["losses"] != full["losses"]
+
+
 def test_teacher_and_student_recipes_load():
     from pathlib import Path
 

@@ -346,6 +346,7 @@ def labeled_loader(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     class_names: Sequence[str] | None = None,
     classes_from: str = "the model",
+    images_only: bool = False,
 ) -> StreamLoader:
     """Labeled stream for fine-tuning (train=True) or evaluation (train=False).
 
@@ -369,40 +370,44 @@ def labeled_loader(
         class_names: the model's classes (e.g. the training data's, or a classifier file's): labels
             are mapped to them by name, and a class outside them is an error before any batch.
         classes_from: what ``class_names`` come from, for that error message.
+        images_only: the same stream of the images alone, labeled or not (a teacher labels them:
+            ``distill.unlabeled``); ``label_fraction`` and ``class_names`` do not apply.
 
     Returns:
-        A `StreamLoader` yielding `(images [B, 3, H, W], labels [B] int64)`.
+        A `StreamLoader` yielding `(images [B, 3, H, W], labels [B] int64)` (`images` alone with
+        ``images_only``).
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     src = resolve_source(source, allow_pipe=allow_pipe, need_counts=True)
-    if src.class_names is None and (src.indexed or not any(u.kind == "tar" for u in src.units)
-                                    or not _first_tar_has_labels(src)):
-        hint = ""
-        if src.description.startswith("image folder "):
-            hint = (f" If {src.description[len('image folder '):]} is the folder of one class, pass the folder "
-                    f"above it (the one whose sub-folders are the classes).")
-        raise DataSourceError(
-            f"{src.description} has no labels (unlabeled data given to a labeled command): labeled data is a "
-            f"class-per-folder tree (root/<class>/<image>) or shards with .cls members (`maevit shards write` of "
-            f"a class-per-folder tree writes them).{hint}"
-        )
     mapping = None
-    if class_names is not None and src.class_names is not None:
-        mapping = label_map(src.class_names, class_names, data=src.description, model=classes_from)
-    elif class_names is not None:
-        log.warning("%s carries no class names: its integer labels are taken as indices into %s's classes",
-                    src.description, classes_from)
-    if label_fraction is not None and label_fraction < 1:
-        src = select_fraction(src, label_fraction, label_seed)
-    if mapping is not None:  # the loader reports the model's classes: its labels are now theirs
-        src = replace(src, class_names=list(class_names))
+    if not images_only:  # labels: the data has them, mapped to the model's classes, maybe a subset
+        if src.class_names is None and (src.indexed or not any(u.kind == "tar" for u in src.units)
+                                        or not _first_tar_has_labels(src)):
+            hint = ""
+            if src.description.startswith("image folder "):
+                hint = (f" If {src.description[len('image folder '):]} is the folder of one class, pass the folder "
+                        f"above it (the one whose sub-folders are the classes).")
+            raise DataSourceError(
+                f"{src.description} has no labels (unlabeled data given to a labeled command): labeled data is a "
+                f"class-per-folder tree (root/<class>/<image>) or shards with .cls members (`maevit shards write` of "
+                f"a class-per-folder tree writes them).{hint}"
+            )
+        if class_names is not None and src.class_names is not None:
+            mapping = label_map(src.class_names, class_names, data=src.description, model=classes_from)
+        elif class_names is not None:
+            log.warning("%s carries no class names: its integer labels are taken as indices into %s's classes",
+                        src.description, classes_from)
+        if label_fraction is not None and label_fraction < 1:
+            src = select_fraction(src, label_fraction, label_seed)
+        if mapping is not None:  # the loader reports the model's classes: its labels are now theirs
+            src = replace(src, class_names=list(class_names))
     tf = labeled_transform(
         img_size, train, mean=mean, std=std, auto_augment=auto_augment, re_prob=re_prob,
         color_jitter=color_jitter, scale=scale, hflip=hflip, interpolation=interpolation, crop_pct=crop_pct,
     )
     spec = _Spec(
         src.units, batch_size, seed, rank, world_size, num_workers, "exact" if train else "eval",
-        True if drop_last is None else drop_last, shuffle_buffer, None, True, tf, tuple(mean), tuple(std),
+        True if drop_last is None else drop_last, shuffle_buffer, None, not images_only, tf, tuple(mean), tuple(std),
         max_pixels=max_pixels, label_map=mapping,
     )
     return StreamLoader(spec, src, pin_memory=pin_memory)

@@ -46,6 +46,7 @@ from torch import nn
 
 from maevit.config import ConfigError
 from maevit.models.masking import Mask
+from maevit.train.engine import Hook
 from maevit.train.runs import RunDir
 
 # --------------------------------------------------------------------------- config
@@ -60,6 +61,9 @@ class DistillConfig:
     type: Literal["hard", "soft"] = "hard"  # hard: CE with the teacher's argmax (DeiT); soft: KL at temperature tau
     alpha: float = 0.5  # weight of the distillation term; 1 - alpha on the label loss (DeiT: 0.5)
     tau: float = 1.0  # soft-distillation temperature (DeiT's soft runs: 3.0); unused by hard
+    # images the distillation term also learns the teacher's answers on, their labels (if any) unused: e.g. the
+    # whole training set when data.label_fraction keeps a few labels. Each step adds one batch of them
+    unlabeled: str | None = None
 
     def validate(self) -> None:
         if self.type not in ("hard", "soft"):
@@ -75,6 +79,9 @@ class DistillConfig:
                 + " ...`) and pass its RUN_DIR/classifier.safetensors as distill.teacher, or give its weights "
                 "file as distill.weights"
             )
+        if self.unlabeled and not self.teacher:
+            raise ConfigError(f"distill.unlabeled={self.unlabeled} needs a teacher to label those images: set "
+                              "distill.teacher (a fine-tuned classifier) or leave distill.unlabeled out")
         if self.weights and not (self.teacher or "").startswith("timm:"):
             raise ConfigError("distill.weights is for a timm:<arch> teacher; a maevit classifier file carries its "
                               "own architecture (set distill.teacher to the file and leave distill.weights out)")
@@ -125,6 +132,7 @@ def distillation_loss(
     kind: Literal["hard", "soft"] = "hard",
     alpha: float = 0.5,
     tau: float = 1.0,
+    labeled: int | None = None,
 ) -> DistillLoss:
     """``(1 - alpha) * base_loss(cls_logits, targets) + alpha * distillation(dist_logits, teacher_logits)``.
 
@@ -137,9 +145,11 @@ def distillation_loss(
         kind: ``hard`` or ``soft``.
         alpha: weight of the distillation term.
         tau: temperature of the soft term.
+        labeled: the first ``labeled`` rows have ``targets``; the rest are images only the teacher
+            labels (``distill.unlabeled``): the distillation term reads every row, the label term those.
     """
     cls_logits, dist_logits = (outputs, outputs) if isinstance(outputs, torch.Tensor) else outputs
-    base = base_loss(cls_logits, targets)
+    base = base_loss(cls_logits if labeled is None else cls_logits[:labeled], targets)
     if kind == "hard":
         dist = hard_distillation_loss(dist_logits, teacher_logits)
     elif kind == "soft":
@@ -254,6 +264,46 @@ def build_teacher(
     teacher = Teacher(model, mean, std, student_mean, student_std).to(device)
     teacher.source = source
     return teacher
+
+
+class UnlabeledImages(Hook):
+    """The images of ``distill.unlabeled``: one batch per call of :meth:`next`, epoch after epoch,
+    for as long as the run lasts. Its position is saved with every checkpoint (``state["unlabeled"]``)
+    and resumed from, so a resumed run draws the batches an uninterrupted one would have.
+
+    Args:
+        loader: this rank's stream of those images (``labeled_loader(..., images_only=True)``).
+        source: what ``distill.unlabeled`` named, for messages.
+    """
+
+    def __init__(self, loader, source: str) -> None:
+        if len(loader) == 0:
+            raise ConfigError(f"distill.unlabeled={source} holds {loader.num_samples} image(s) per process, fewer than "
+                              "one batch (data.batch_size): give it more images or leave it out")
+        self.loader, self.source = loader, source
+        self.position = {"epoch": 0, "batch": 0}
+        self._batches = None
+
+    def on_resume(self, loop, state: dict) -> None:
+        self.position = dict(state.get("unlabeled", self.position))
+        self._batches = None
+
+    def before_checkpoint(self, loop, step: int) -> None:
+        loop.state["unlabeled"] = dict(self.position)
+
+    def next(self) -> torch.Tensor:
+        """The next batch of images ``[B, C, H, W]`` (a new epoch when one ends)."""
+        from maevit.train.inputs import batches_from
+
+        for _ in range(2):  # the rest of this epoch, else the next one (a whole epoch without an image fails)
+            if self._batches is None:
+                self._batches = batches_from(self.loader, self.position["epoch"], self.position["batch"])
+            images = next(self._batches, None)
+            if images is not None:
+                self.position = self.loader.state_dict()
+                return images
+            self._batches, self.position = None, {"epoch": self.position["epoch"] + 1, "batch": 0}
+        raise RuntimeError(f"distill.unlabeled={self.source} gave no image in a whole epoch")
 
 
 # --------------------------------------------------------------------------- during pretraining (DMAE)

@@ -104,6 +104,7 @@ class Setup:
         hooks: what runs around the loop.
         panels: the panels of ``RUN_DIR/curves.png``.
         policy: how often to log and checkpoint (None: :meth:`Policy.of` the ``run`` section).
+        side_loaders: other streams the task reads (``stats``): their skipped samples count with the loader's.
     """
 
     acc: Any
@@ -122,6 +123,7 @@ class Setup:
     hooks: list["Hook"] = field(default_factory=list)
     panels: tuple = ()
     policy: Policy | None = None
+    side_loaders: list[Any] = field(default_factory=list)
 
 
 class Hook:
@@ -242,7 +244,7 @@ class Loop:
         if ckpt is not None:  # on another number of processes: the same effective batch, the data position mapped
             elastic.resume_on(self.acc, self.state, resize, s.loader)
         self.step, self.epoch, self.batch = self.state["step"], self.state["epoch"], self.state["batch"]
-        self.skips = SkipTally(self.acc, s.loader, self.state.get("skipped"))  # by kind, all ranks, since 0
+        self.skips = SkipTally(self.acc, [s.loader, *s.side_loaders], self.state.get("skipped"))  # all ranks, since 0
         self.metrics = MetricsLogger(s.run.metrics_path, enabled=self.acc.is_main_process,
                                      resume_step=self.step if ckpt is not None else None,
                                      resume_rows=self.state.get("metrics_rows") if ckpt is not None else None)

@@ -33,7 +33,7 @@ from maevit.models.contract import extra_heads
 from maevit.train import runs
 from maevit.train.command import building_model, run_recipe_command
 from maevit.train.curves import FINETUNE_PANELS, save_run_curves
-from maevit.train.distill import DistillConfig, build_teacher, distillation_loss
+from maevit.train.distill import DistillConfig, UnlabeledImages, build_teacher, distillation_loss
 from maevit.train.file_defaults import fill_from_weights
 from maevit.train.engine import EmaHook, Hook, Loop, Setup, Task, fit, summary_fields
 from maevit.train.evaluate import evaluate_classifier
@@ -182,6 +182,11 @@ class FinetuneTask(Task):
         common = stream_args(d, img_size=m.img_size, seed=cfg.run.seed)
         self.loader = labeled_for_rank(d.train, ranks, train=True, **common, **label_args(d),
                                        auto_augment=d.auto_augment, re_prob=d.re_prob)
+        self.unlabeled = None  # distill.unlabeled: images only the teacher labels, one batch per micro-batch
+        if cfg.distill.unlabeled:
+            self.unlabeled = UnlabeledImages(labeled_for_rank(
+                cfg.distill.unlabeled, ranks, train=True, images_only=True, **{**common, "seed": cfg.run.seed + 1},
+                auto_augment=d.auto_augment, re_prob=d.re_prob), cfg.distill.unlabeled)
         self.val_loader = labeled_for_rank(d.val, ranks, train=False, class_names=self.loader.class_names,
                                            classes_from=f"the training data {d.train}", **common) if d.val else None
         self.num_classes = num_classes_of(m.num_classes, self.loader)
@@ -208,6 +213,10 @@ class FinetuneTask(Task):
                 heads.set_training(model, True)
             logger.info("distilling from %s: %s, alpha %g%s", self.teacher.source, cfg.distill.type,
                         cfg.distill.alpha, "" if heads else " (one head: classic knowledge distillation)")
+            if self.unlabeled is not None:
+                logger.info("the distillation term also reads %d images of distill.unlabeled=%s that the teacher "
+                            "labels (one batch of them beside each labeled batch)", self.unlabeled.loader.num_samples,
+                            cfg.distill.unlabeled)
         sched, eff_batch = plan_for(o, self.loader, d.batch_size, acc.num_processes)
         if acc.is_main_process:
             log_memory_estimate(acc, model, (d.batch_size, model.in_chans, *model.img_size), self.precision)
@@ -233,18 +242,26 @@ class FinetuneTask(Task):
         return Setup(acc=acc, run=run, model=model, optimizer=optimizer, loader=self.loader, schedule=sched,
                      params=[p for p in model.parameters() if p.requires_grad], eff_batch=eff_batch, meter=meter,
                      header=header, precision=self.precision, clip_grad=o.clip_grad, panels=FINETUNE_PANELS,
-                     hooks=[h for h in (self.ema, self.evaluation) if h is not None])
+                     hooks=[h for h in (self.ema, self.evaluation, self.unlabeled) if h is not None],
+                     side_loaders=[self.unlabeled.loader] if self.unlabeled is not None else [])
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
         x, y = (t.to(self.acc.device, non_blocking=True) for t in batch)  # [B, C, H, W], [B]
         if self.mixup_fn is not None:
             x, y = self.mixup_fn(x, y)  # y: [B, num_classes] soft targets
+        n_labeled = len(x)
+        if self.unlabeled is not None:  # [B + U, C, H, W]: the teacher labels the last U (mixed among themselves)
+            xu = self.unlabeled.next().to(self.acc.device, non_blocking=True)
+            if self.mixup_fn is not None:
+                xu, _ = self.mixup_fn(xu, torch.zeros(len(xu), dtype=torch.long, device=xu.device))
+            x = torch.cat([x, xu])
         with self.acc.autocast():  # the teacher, too, runs at the run's precision, on the same mixed images
             out = self.model(x)
             if self.teacher is None:
                 return {"loss": self.criterion(out, y)}
             d = self.cfg.distill
-            parts = distillation_loss(out, y, self.teacher(x), self.criterion, kind=d.type, alpha=d.alpha, tau=d.tau)
+            parts = distillation_loss(out, y, self.teacher(x), self.criterion, kind=d.type, alpha=d.alpha, tau=d.tau,
+                                      labeled=n_labeled)
         return {"loss": parts.loss, "loss_label": parts.base, "loss_distill": parts.distill}
 
     def advice(self) -> str:

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -119,21 +119,22 @@ class SkipTally:
 
     Args:
         accelerator: the run's ``Accelerator``.
-        loader: a loader with ``stats() -> {kind: count}`` (``maevit.data.stream.StreamLoader``).
+        loaders: loaders with ``stats() -> {kind: count}`` (``maevit.data.stream.StreamLoader``): the
+            training stream, and any other the task reads.
         saved: ``state.get("skipped")`` of the checkpoint being resumed, else None.
     """
 
-    def __init__(self, accelerator: Any, loader: Any, saved: Mapping[str, int] | None = None) -> None:
+    def __init__(self, accelerator: Any, loaders: Sequence[Any], saved: Mapping[str, int] | None = None) -> None:
         from maevit.data.stream import STAT_KEYS
 
         self.kinds = STAT_KEYS
-        self.acc, self.loader = accelerator, loader
+        self.acc, self.loaders = accelerator, list(loaders)
         self.base = dict(saved or {}) if accelerator.is_main_process else {}
 
     def totals(self) -> dict[str, int]:
         """``{kind: samples}`` of all processes since step 0. Every process must call it (a reduce)."""
-        local = self.loader.stats() if hasattr(self.loader, "stats") else {}
-        counts = [int(local.get(k, 0)) + int(self.base.get(k, 0)) for k in self.kinds]
+        local = [loader.stats() for loader in self.loaders if hasattr(loader, "stats")]
+        counts = [sum(int(s.get(k, 0)) for s in local) + int(self.base.get(k, 0)) for k in self.kinds]
         if self.acc.num_processes > 1:
             t = torch.tensor(counts, dtype=torch.int64, device=self.acc.device)
             counts = self.acc.reduce(t, reduction="sum").tolist()
