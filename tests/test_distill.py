@@ -240,6 +240,9 @@ def test_unlabeled_images_without_a_teacher_or_too_few_of_them_are_clear_errors(
     assert main_finetune([*common, f"run.dir={tmp_path / 'b'}", f"distill.teacher={teacher}", "data.batch_size=8",
                           f"distill.unlabeled={few.parent}"]) == 2
     assert "fewer than one batch" in capsys.readouterr().err
+    assert main_finetune([*common, f"run.dir={tmp_path / 'b'}", f"distill.teacher={teacher}",
+                          f"distill.unlabeled={tmp_path / 'nope'}"]) == 2
+    assert f"distill.unlabeled={tmp_path / 'nope'}: data source" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # nothing written
 
 

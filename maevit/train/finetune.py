@@ -184,9 +184,15 @@ class FinetuneTask(Task):
                                        auto_augment=d.auto_augment, re_prob=d.re_prob)
         self.unlabeled = None  # distill.unlabeled: images only the teacher labels, one batch per micro-batch
         if cfg.distill.unlabeled:
-            self.unlabeled = UnlabeledImages(labeled_for_rank(
-                cfg.distill.unlabeled, ranks, train=True, images_only=True, **{**common, "seed": cfg.run.seed + 1},
-                auto_augment=d.auto_augment, re_prob=d.re_prob), cfg.distill.unlabeled)
+            from maevit.data.stream import DataSourceError
+
+            try:
+                images = labeled_for_rank(cfg.distill.unlabeled, ranks, train=True, images_only=True,
+                                          **{**common, "seed": cfg.run.seed + 1}, auto_augment=d.auto_augment,
+                                          re_prob=d.re_prob)
+            except DataSourceError as e:  # say which setting named it
+                raise DataSourceError(f"distill.unlabeled={cfg.distill.unlabeled}: {e}") from None
+            self.unlabeled = UnlabeledImages(images, cfg.distill.unlabeled)
         self.val_loader = labeled_for_rank(d.val, ranks, train=False, class_names=self.loader.class_names,
                                            classes_from=f"the training data {d.train}", **common) if d.val else None
         self.num_classes = num_classes_of(m.num_classes, self.loader)
