@@ -451,3 +451,20 @@ def test_the_log_says_the_measured_bf16_ratio_and_warns_of_emulated_bf16(monkeyp
     with caplog.at_level("INFO", logger="maevit.throughput"):
         precision.resolve_run_precision(run)
     assert "emulated" not in caplog.text
+
+
+def test_the_step_profile_sorts_a_steps_time_into_kinds_that_add_up():
+    spec = importlib.util.spec_from_file_location("step_profile", REPO / "benchmarks" / "step_profile.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    assert [prof.kind_of(n) for n in ("aten::addmm", "aten::mm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                      "aten::copy_", "aten::native_layer_norm_backward", "aten::_fused_adamw_",
+                                      "aten::gelu", "aten::convolution_backward")] == [
+        "matmul", "matmul", "attention", "copies", "norms", "optimizer", "rest", "matmul"]
+    res = prof.main(["--img-size", "32", "--batch-size", "4", "--steps", "1", "--model-args", "patch_size=8",
+                     "depth=1", "decoder_depth=1", "decoder_embed_dim=32", "decoder_num_heads=2"])
+    for dtype in ("fp32", "bf16"):
+        assert set(res[dtype]) == set(prof.KINDS) and res[dtype]["matmul"] > 0 and res[dtype]["optimizer"] > 0
+    assert res["ratio"] > 0 and res["speedup"] > 0
+    share = res["fp32"]["matmul"] / sum(res["fp32"].values())
+    assert res["bound"] == pytest.approx(1 / (1 - share + share / res["ratio"]))
