@@ -58,12 +58,18 @@ def main() -> None:
                         "the one trained on 100%% of the labels (DeiT's setting: a teacher that knows more)")
     p.add_argument("--fractions", default="10,100", help="label budgets to run, of 10,100")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--distill-type", choices=("hard", "soft"), default="hard",
+                   help="hard: CE with the teacher's argmax (DeiT); soft: KL at --tau")
+    p.add_argument("--tau", type=float, default=1.0, help="soft distillation's temperature")
+    p.add_argument("--students", default="", help="comma list of students to run (default: all), of "
+                   "mae_distill,mae_distill_unl,mae,scratch,scratch_distill")
     p.add_argument("--scratch-distill", action="store_true", help="also: from scratch + distillation")
     p.add_argument("--distill-unlabeled", action="store_true",
                    help="also, below 100%% labels: MAE + distillation whose distillation term also reads every "
                         "training image, labeled or not (distill.unlabeled=the training folder)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
                    help="run.precision of every run (auto: bf16 where the CPU has bf16 units)")
+    p.add_argument("--seed", type=int, default=0, help="run.seed of the students (init, data order, augmentation)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="comma list of stages: pretrain,teacher,student,diagnose")
     a = p.parse_args()
@@ -97,7 +103,7 @@ def main() -> None:
                         pretrain_epochs=a.pretrain_epochs, ft_epochs=a.ft_epochs,
                         ft_epochs_low=a.ft_epochs_low or 3 * a.ft_epochs, teacher=a.teacher,
                         teacher_args=a.teacher_args, teacher_epochs=a.teacher_epochs, alpha=a.alpha,
-                        teacher_labels=a.teacher_labels, precision=a.precision,
+                        teacher_labels=a.teacher_labels, precision=a.precision, distill_type=a.distill_type, tau=a.tau,
                         threads=torch.get_num_threads()))
     size = dict(patch_size=a.patch, args={"depth": a.depth})  # the student's size, from scratch
     enc_path = out / "pretrain" / "encoder.safetensors"
@@ -123,7 +129,8 @@ def main() -> None:
                       smoothing=0.1, re_prob=0.25),
             optim=dict(epochs=epochs, warmup_epochs=2, weight_decay=0.05),
             # every run alike
-            run=dict(dir=str(out / name), eval_every=epochs, log_every=20, progress=False, precision=a.precision),
+            run=dict(dir=str(out / name), eval_every=epochs, log_every=20, progress=False, precision=a.precision,
+                     seed=a.seed),
         )
 
     def record(name: str, res: dict, t: float) -> None:
@@ -153,7 +160,7 @@ def main() -> None:
             runs.insert(1, ("mae_distill_unl", enc_path, teacher))
         for kind, pretrained, teach in runs:
             name = f"ft_{kind}_{tag}"
-            if "student" not in stages or name in results:
+            if "student" not in stages or name in results or (a.students and kind not in a.students.split(",")):
                 continue
             t = time.time()
             own = dict(
@@ -161,7 +168,7 @@ def main() -> None:
                            drop_path=0.1, **({} if pretrained else size)),
                 # layer decay only for a pretrained encoder (from scratch it would starve the lower blocks)
                 optim=dict(base_lr=1.0e-3, layer_decay=0.75 if pretrained else 1.0),
-                **({"distill": dict(teacher=str(teach), type="hard", alpha=a.alpha,
+                **({"distill": dict(teacher=str(teach), type=a.distill_type, alpha=a.alpha, tau=a.tau,
                                     unlabeled=str(train) if kind.endswith("_unl") else None)}
                    if teach is not None else {}))
             record(name, finetune(make_config(FinetuneConfig, **merge(common(frac, epochs, name), own))), t)

@@ -13,10 +13,12 @@ Each (family, seed) is one run of ``benchmarks/quality_cifar10.py`` (``--only pr
 in ``OUT/<family>/seed<N>``; finished parts are reused, so an interrupted command continues.
 Prints one Markdown table: mean over seeds and each seed, with gains and minutes.
 
-Usage (one CPU core, a few minutes per family and seed at these settings)::
+Usage (the defaults are the budget of BENCHMARKS.md "Sixty epochs": 60 pretraining epochs, 45
+fine-tuning epochs at 10% labels, bf16 where the CPU has bf16 units; 30-90 minutes per family and
+seed on one core)::
 
-    python benchmarks/family_gains.py --data /tmp/cifar10 --out /tmp/gains --families hybrid sret \\
-        --seeds 0 1 --per-class 500 --pretrain-epochs 5 --ft-epochs 5
+    python benchmarks/family_gains.py --data /tmp/cifar10 --out /tmp/gains --families hybrid sret --seeds 0 1
+    # the earlier, shorter budgets: --pretrain-epochs 15 --ft-epochs 5 --precision fp32
 """
 from __future__ import annotations
 
@@ -53,11 +55,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--per-class", type=int, default=500)
     p.add_argument("--test-per-class", type=int, default=100)
-    p.add_argument("--pretrain-epochs", type=int, default=5)
-    p.add_argument("--ft-epochs", type=int, default=5, help="fine-tuning epochs are 3x this at 10%% labels")
-    p.add_argument("--probe-epochs", type=int, default=50)
+    p.add_argument("--pretrain-epochs", type=int, default=60)
+    p.add_argument("--ft-epochs", type=int, default=15, help="fine-tuning epochs are 3x this at 10%% labels")
+    p.add_argument("--probe-epochs", type=int, default=20)
     p.add_argument("--only", default="pretrain,ft10,probe")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+    p.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"),
                    help="run.precision of every stage (auto: bf16 on CPUs with bf16 units, about 1.7x faster)")
     p.add_argument("--probe-pool", choices=("token", "avg"), default="avg",
                    help="what the probe reads: the mean of the patch tokens (default: what MAE trains at small "
