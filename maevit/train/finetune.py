@@ -231,6 +231,8 @@ class FinetuneTask(Task):
             model, (3, *model.img_size), acc.device, self.precision, num_processes=acc.num_processes,
             log=acc.is_main_process)
         meter.in_process_data = getattr(self.loader, "num_workers", 1) == 0
+        if self.unlabeled is not None:  # images/s counts the labeled images, each of which
+            meter.flops_per_image *= 2  # brings one of distill.unlabeled through the student (the teacher: not counted)
         optimizer = build_adamw(param_groups_layer_decay(model, o.weight_decay, o.layer_decay, by=o.layer_decay_by,
                                                          exempt=o.layer_decay_exempt), sched.peak_lr,
                                 o.weight_decay, betas=(0.9, 0.999))
