@@ -266,7 +266,15 @@ def test_unlabeled_images_reach_the_teacher_and_resume_is_exact(tmp_path, one_th
         return model
 
     monkeypatch.setattr(ft, "build_teacher", counting_teacher)
-    unl = {"distill.unlabeled": "bundled:val"}  # 500 images: 62 batches of 8, more than the run draws
+    from PIL import Image
+
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(20):  # 2 batches of 8 per epoch: the 12 micro-batches wrap it 6 times, the stop at step 2 too
+        pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    unl = {"distill.unlabeled": str(folder)}
 
     def run(name, **extra):
         return ft.finetune(load_config(ft.FinetuneConfig, None, _student(tmp_path / name, teacher, **extra)))
