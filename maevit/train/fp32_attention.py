@@ -14,6 +14,14 @@ it stay bf16) the whole bf16 step ran 1.2-1.4x faster, and its loss came closer 
   SReT) as well as ours (CvT, windowed Swin); no torch or Accelerate setting picks an attention *dtype*
   (``torch.nn.attention.sdpa_kernel`` picks a backend, and bf16 is slow in both CPU backends);
 - :func:`in_fp32_attention`: a forward wrapped in that mode (what the run's Accelerator applies).
+
+The same holds for one convolution: a **grouped convolution with a stride** (CvT's depthwise key / value
+projections at stride 2, SReT's depthwise pooling). Forward + backward, one thread, Zen 4, at CvT's CIFAR
+shapes (batch 128, 64 x 16 x 16 and 192 x 8 x 8, 3x3): bf16 63-126 ms against fp32 6-21 ms (**3-14x
+slower**), while the same convolution at stride 1 and every dense one run 2-5x *faster* in bf16
+(``/tmp``-only micro-benchmark; BENCHMARKS.md "CvT's strided depthwise convolutions"). In a bf16 CvT step
+its backward took 44% of the time and the step ran no faster than fp32. So the mode runs exactly those
+convolutions (``groups > 1`` and a stride above 1) in fp32 as well, on the same rule.
 """
 from __future__ import annotations
 
@@ -49,15 +57,26 @@ def _to_fp32(x: Any) -> Any:
     return x.float() if torch.is_tensor(x) and x.dtype == torch.bfloat16 else x
 
 
+def _strided_grouped_conv(args: tuple, kwargs: dict) -> bool:
+    """Whether ``F.conv2d(*args, **kwargs)`` is a grouped convolution with a stride above 1."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    call = dict(zip(names, args), **kwargs)
+    stride = call.get("stride", 1)
+    return call.get("groups", 1) > 1 and max((stride,) if isinstance(stride, int) else tuple(stride)) > 1
+
+
 class Fp32Attention(TorchFunctionMode):
-    """While active, ``F.scaled_dot_product_attention`` on bf16 inputs (or under bf16 autocast) casts its
-    floating inputs to fp32, runs with autocast off, and returns bf16 again: the same dtypes for the
-    code around it, the fp32 kernel inside (its backward, too, is the fp32 one). Other calls pass through."""
+    """While active, ``F.scaled_dot_product_attention`` and strided grouped ``F.conv2d`` on bf16 inputs (or
+    under bf16 autocast) cast their floating inputs to fp32, run with autocast off, and return bf16 again:
+    the same dtypes for the code around them, the fp32 kernel inside (its backward, too, is the fp32 one).
+    Other calls pass through."""
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and _bf16_attention(args[0] if args else kwargs.get("query")):
-            device = (args[0] if args else kwargs["query"]).device.type
+        first = args[0] if args else kwargs.get("query", kwargs.get("input"))
+        if ((func is F.scaled_dot_product_attention or (func is F.conv2d and _strided_grouped_conv(args, kwargs)))
+                and _bf16_attention(first)):
+            device = first.device.type
             with torch.autocast(device, enabled=False):
                 out = func(*(_to_fp32(a) for a in args), **{k: _to_fp32(v) for k, v in kwargs.items()})
             return out.to(torch.bfloat16)
