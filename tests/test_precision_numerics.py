@@ -133,3 +133,48 @@ def test_with_amx_the_bf16_run_keeps_bf16_attention(monkeypatch):
     with rec, torch.no_grad():
         acc.prepare(model)(imgs, noise=noise)
     assert rec.dtypes and all(d[0] == (torch.bfloat16,) * 3 for d in rec.dtypes)
+
+
+class _RecordConv(torch.overrides.TorchFunctionMode):
+    """Records (groups, stride, input dtype, autocast on) at every ``conv2d`` that reaches the kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.conv2d:
+            call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args), **kwargs)
+            stride = call.get("stride", 1)
+            self.calls.append((call.get("groups", 1), max(stride) if isinstance(stride, (tuple, list)) else stride,
+                               call["input"].dtype, torch.is_autocast_enabled("cpu")))
+        return func(*args, **kwargs)
+
+
+def test_a_bf16_cvt_step_without_amx_runs_its_strided_depthwise_convolutions_in_fp32(monkeypatch):
+    """CvT's depthwise key / value projections (stride 2) are 3-14x slower in bf16 than fp32 on such a CPU:
+    through the run's Accelerator they reach the kernel in fp32 with autocast off, while its stride-1
+    depthwise query projections and dense embeddings stay bf16; the loss stays within bf16's tolerance."""
+    from maevit.train import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    kw = dict(img_size=32, patch_strides=(2, 2, 1), patch_sizes=(3, 3, 3), patch_paddings=(1, 1, 1),
+              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    torch.manual_seed(0)
+    model = create_mae("mae_cvt_tiny", **kw)
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, model.num_patches)
+    with torch.no_grad():
+        loss32 = model(imgs, noise=noise).loss.item()
+    prepared = precision.make_accelerator("bf16").prepare(model)
+    rec = _RecordConv()
+    with rec:
+        loss = prepared(imgs, noise=noise).loss
+    loss.backward()
+    strided_grouped = [c for c in rec.calls if c[0] > 1 and c[1] > 1]
+    others = [c for c in rec.calls if not (c[0] > 1 and c[1] > 1)]
+    assert strided_grouped and all(c[2:] == (torch.float32, False) for c in strided_grouped), rec.calls
+    assert others and all(c[3] for c in others), rec.calls  # left to autocast (bf16)
+    assert loss.item() == pytest.approx(loss32, rel=2e-2)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
