@@ -1,7 +1,7 @@
 """``run.precision``: the auto policy (bf16 where it is native and pays off), and the run's Accelerator.
 
 - :func:`choose_precision`: ``run.precision=auto`` as a pure function of the
-  facts (device type, bf16 support, native bf16 units, measured bf16 speed-up);
+  facts (device type, bf16 support, native bf16 units);
 - :func:`resolve_precision` gathers those facts, keeps a resumed run on the
   precision it started with, and agrees across processes;
 - :func:`make_accelerator`: an ``Accelerator`` at the resolved precision.
@@ -14,16 +14,13 @@ import json
 import logging
 import os
 import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from maevit.train.fp32_attention import Fp32Attention, fp32_attention_wanted, in_fp32_attention
-from maevit.train.perf import _scalar_loss
 
 logger = logging.getLogger("maevit.throughput")
 
@@ -115,47 +112,6 @@ def recorded_precision(run_dir: str | os.PathLike) -> str | None:
     except (OSError, ValueError):
         return None
     return value if value in PRECISIONS[1:] else None
-
-
-def bf16_speedup(model: nn.Module, img_shape: tuple[int, int, int], *, batch_size: int = 8, reps: int = 3,
-                 budget_s: float = 3.0) -> float:
-    """How much faster ``model``'s forward + backward runs under CPU bf16 autocast than in fp32.
-
-    Runs on copies of the weights, with the global RNG restored afterwards; fp32 and bf16
-    steps alternate after one warm-up step each; the ratio of the median step times. Stops
-    early once ``budget_s`` is spent (at least one timed step each).
-
-    Args:
-        model: returns an object with ``.loss`` (an MAE) or a tensor (then its mean is the loss).
-        img_shape: ``(C, H, W)``.
-    """
-    from torch.func import functional_call
-
-    tensors = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in model.named_parameters()}
-    tensors.update({k: v.detach().clone() for k, v in model.named_buffers()})
-
-    def step(bf16: bool) -> float:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = functional_call(model, tensors, (imgs,), strict=False)
-        loss = _scalar_loss(out)
-        loss.backward()
-        for t in tensors.values():
-            t.grad = None
-        return time.perf_counter() - t0
-
-    times: dict[bool, list[float]] = {False: [], True: []}
-    with torch.random.fork_rng(devices=[]):
-        imgs = torch.randn(batch_size, *img_shape)
-        step(False), step(True)
-        end = time.perf_counter() + budget_s
-        for r in range(reps):
-            for bf16 in (False, True) if r % 2 == 0 else (True, False):
-                times[bf16].append(step(bf16))
-            if time.perf_counter() > end:
-                break
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return med[False] / med[True]
 
 
 def _gather_choice(device: torch.device) -> PrecisionChoice:
