@@ -222,8 +222,8 @@ def make_accelerator(precision: str, accum_steps: int = 1, run_dir: str | os.Pat
     )
     acc.fp32_attention = fp32_attention_wanted(acc.device.type, precision, cpu_bf16_flags())
     if acc.fp32_attention:
-        logger.info("attention runs in fp32 inside the bf16 step: this CPU has no bf16 matrix units (amx_bf16), and "
-                    "its bf16 attention kernel is slower than the fp32 one (BENCHMARKS.md)")
+        logger.info("attention and strided grouped convolutions run in fp32 inside the bf16 step: this CPU has no "
+                    "bf16 matrix units (amx_bf16), and their bf16 kernels are slower than the fp32 ones (BENCHMARKS.md)")
     return acc
 
 
