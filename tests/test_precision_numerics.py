@@ -153,7 +153,7 @@ class _RecordConv(torch.overrides.TorchFunctionMode):
 
 
 def test_a_bf16_cvt_step_without_amx_runs_its_strided_depthwise_convolutions_in_fp32(monkeypatch):
-    """CvT's depthwise key / value projections (stride 2) are 3-14x slower in bf16 than fp32 on such a CPU:
+    """CvT's depthwise key / value projections (stride 2) are 3-13x slower in bf16 than fp32 on such a CPU:
     through the run's Accelerator they reach the kernel in fp32 with autocast off, while its stride-1
     depthwise query projections and dense embeddings stay bf16; the loss stays within bf16's tolerance."""
     from maevit.train import precision

@@ -17,8 +17,8 @@ it stay bf16) the whole bf16 step ran 1.2-1.4x faster, and its loss came closer 
 
 The same holds for one convolution: a **grouped convolution with a stride** (CvT's depthwise key / value
 projections at stride 2, SReT's depthwise pooling). Forward + backward, one thread, Zen 4, at CvT's CIFAR
-shapes (batch 128, 64 x 16 x 16 and 192 x 8 x 8, 3x3): bf16 63-126 ms against fp32 6-21 ms (**3-14x
-slower**), while the same convolution at stride 1 and every dense one run 2-5x *faster* in bf16
+shapes (batch 128, 64 x 16 x 16 and 192 x 8 x 8, 3x3): bf16 63-82 ms against fp32 6.5-21 ms (**3.1-12.6x
+slower**), while the same convolution at stride 1 and the dense ones run 2-3x *faster* in bf16
 (``/tmp``-only micro-benchmark; BENCHMARKS.md "CvT's strided depthwise convolutions"). In a bf16 CvT step
 its backward took 44% of the time and the step ran no faster than fp32. So the mode runs exactly those
 convolutions (``groups > 1`` and a stride above 1) in fp32 as well, on the same rule.
@@ -44,13 +44,13 @@ def fp32_attention_wanted(device_type: str, precision: str, bf16_native: Sequenc
     return device_type == "cpu" and precision == "bf16" and "amx_bf16" not in bf16_native
 
 
-def _bf16_attention(query: Any) -> bool:
-    """Whether this attention call would run in bf16: bf16 inputs, or CPU bf16 autocast."""
-    if not torch.is_tensor(query) or not query.is_floating_point():
+def _runs_in_bf16(first: Any) -> bool:
+    """Whether a call whose first input is ``first`` would run in bf16: a bf16 input, or bf16 autocast."""
+    if not torch.is_tensor(first) or not first.is_floating_point():
         return False
-    return query.dtype == torch.bfloat16 or (
-        torch.is_autocast_enabled(query.device.type)
-        and torch.get_autocast_dtype(query.device.type) == torch.bfloat16)
+    return first.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled(first.device.type)
+        and torch.get_autocast_dtype(first.device.type) == torch.bfloat16)
 
 
 def _to_fp32(x: Any) -> Any:
@@ -75,7 +75,7 @@ class Fp32Attention(TorchFunctionMode):
         kwargs = kwargs or {}
         first = args[0] if args else kwargs.get("query", kwargs.get("input"))
         if ((func is F.scaled_dot_product_attention or (func is F.conv2d and _strided_grouped_conv(args, kwargs)))
-                and _bf16_attention(first)):
+                and _runs_in_bf16(first)):
             device = first.device.type
             with torch.autocast(device, enabled=False):
                 out = func(*(_to_fp32(a) for a in args), **{k: _to_fp32(v) for k, v in kwargs.items()})
